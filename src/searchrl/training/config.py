@@ -1,0 +1,168 @@
+"""The training configuration: nested dataclasses with help text, checked before any work starts.
+
+``TrainConfig`` is what ``searchrl train`` runs; YAML files in ``configs/`` fill it and dotted
+overrides (``algo.kl_coef=0.01``) adjust it. Defaults are the embedded CPU default (synthetic world,
+in-process BM25, SmolLM2-135M-Instruct, GRPO); the paper presets live in ``configs/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from searchrl.algos.advantages import ADVANTAGE_ESTIMATORS
+from searchrl.algos.losses import AGGREGATIONS, KL_ESTIMATORS
+from searchrl.config import check
+from searchrl.rewards import REWARD_KINDS
+from searchrl.rollout.loop import RolloutConfig
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = field(default=None, metadata=_h("policy model: local path or hub id; None = SmolLM2-135M-Instruct (bundled)"))
+    dtype: str = field(default="float32", metadata=_h("float32 | bfloat16 (training and generation)"))
+    device: str = field(default="auto", metadata=_h("auto | cpu | cuda | cuda:N"))
+    lora_r: int = field(default=0, metadata=_h("LoRA rank; 0 = full fine-tuning"))
+    lora_alpha: int = field(default=32, metadata=_h("LoRA alpha"))
+    lora_dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata=_h("module names LoRA adapts"))
+    gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward to save memory"))
+    critic_name: str | None = field(default=None, metadata=_h("critic base model (PPO); None = same as the policy"))
+
+    def __post_init__(self) -> None:
+        check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        check(self.lora_r >= 0, "model.lora_r", "must be >= 0")
+        check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    world_seed: int = field(default=0, metadata=_h("seed of the synthetic world (used when train_files is empty)"))
+    world_entities: int = field(default=0, metadata=_h("entities in the synthetic world; 0 = the embedded default size"))
+    train_files: list[str] = field(default_factory=list, metadata=_h("QA files to train on (any supported format); empty = the synthetic world"))
+    eval_files: list[str] = field(default_factory=list, metadata=_h("QA files to evaluate on; empty = the world's test split"))
+    corpus: str | None = field(default=None, metadata=_h("corpus JSONL to index in-process (with train_files)"))
+    index: str | None = field(default=None, metadata=_h("a built index directory (searchrl index)"))
+    retriever_url: str | None = field(default=None, metadata=_h("a running /retrieve server instead of an in-process index"))
+    train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))
+    eval_limit: int = field(default=200, metadata=_h("evaluate on at most this many questions per set (0 = all)"))
+
+    def __post_init__(self) -> None:
+        check(self.world_entities >= 0, "data.world_entities", "must be >= 0")
+        check(self.train_limit >= 0 and self.eval_limit >= 0, "data.eval_limit", "limits must be >= 0")
+        check(not (self.index and self.retriever_url), "data.index", "give either index or retriever_url, not both")
+        check(not (self.train_files and not (self.corpus or self.index or self.retriever_url)),
+              "data.train_files", "training on your own files needs data.corpus, data.index or data.retriever_url")
+
+
+@dataclass
+class AlgoConfig:
+    estimator: str = field(default="grpo", metadata=_h(f"advantage estimator: {' | '.join(sorted(ADVANTAGE_ESTIMATORS))}"))
+    group_size: int = field(default=4, metadata=_h("rollouts per prompt (GRPO/RLOO groups)"))
+    norm_by_std: bool = field(default=True, metadata=_h("GRPO: divide by the group std"))
+    clip_eps: float = field(default=0.2, metadata=_h("PPO clip epsilon"))
+    clip_eps_high: float | None = field(default=None, metadata=_h("upper clip epsilon (None = clip_eps)"))
+    dual_clip: float | None = field(default=None, metadata=_h("dual-clip constant c > 1 (None = off)"))
+    loss_agg: str = field(default="token-mean", metadata=_h(f"loss aggregation: {' | '.join(AGGREGATIONS)}"))
+    kl_coef: float = field(default=0.001, metadata=_h("KL coefficient (0 = no reference model)"))
+    kl_in_reward: bool = field(default=False, metadata=_h("KL as an in-reward penalty (PPO paper setting) instead of a loss"))
+    kl_estimator: str = field(default="low_var_kl", metadata=_h(f"KL estimator: {' | '.join(KL_ESTIMATORS)}"))
+    entropy_coef: float = field(default=0.0, metadata=_h("entropy bonus coefficient"))
+    value_clip: float = field(default=0.5, metadata=_h("value-loss clip range (PPO)"))
+    vf_coef: float = field(default=1.0, metadata=_h("value-loss weight (PPO)"))
+    gamma: float = field(default=1.0, metadata=_h("GAE / returns discount"))
+    lam: float = field(default=1.0, metadata=_h("GAE lambda"))
+    mask_retrieved: bool = field(default=True, metadata=_h("mask inserted (retrieved) tokens out of every loss; False = the paper's ablation"))
+    reward: str = field(default="em", metadata=_h(f"reward: {' | '.join(REWARD_KINDS)}"))
+
+    def __post_init__(self) -> None:
+        check(self.estimator in ADVANTAGE_ESTIMATORS, "algo.estimator", f"unknown {self.estimator!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}")
+        check(self.group_size >= 1, "algo.group_size", "must be >= 1")
+        check(self.estimator not in ("grpo", "rloo") or self.group_size >= 2, "algo.group_size", f"{self.estimator} needs groups of >= 2")
+        check(self.clip_eps > 0, "algo.clip_eps", "must be > 0")
+        check(self.dual_clip is None or self.dual_clip > 1, "algo.dual_clip", "must be > 1")
+        check(self.loss_agg in AGGREGATIONS, "algo.loss_agg", f"unknown {self.loss_agg!r}; valid: {list(AGGREGATIONS)}")
+        check(self.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+        check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", f"unknown {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algo.gamma", "gamma and lam must be in [0, 1]")
+        check(self.reward in REWARD_KINDS, "algo.reward", f"unknown {self.reward!r}; valid: {list(REWARD_KINDS)}")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator == "gae"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-5, metadata=_h("actor learning rate (AdamW)"))
+    critic_lr: float = field(default=1e-5, metadata=_h("critic learning rate"))
+    warmup_steps: int = field(default=0, metadata=_h("actor: linear warm-up steps, then constant"))
+    critic_warmup_steps: int = field(default=0, metadata=_h("critic: linear warm-up steps, then constant"))
+    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
+    grad_clip: float = field(default=1.0, metadata=_h("max gradient norm (0 = off)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_h("AdamW betas"))
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(self.critic_lr > 0, "optim.critic_lr", "must be > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.critic_warmup_steps >= 0, "optim.critic_warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = field(default=0, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off)"))
+    batch_size: int = field(default=8, metadata=_h("demonstrations per warm-start step"))
+    lr: float = field(default=5e-5, metadata=_h("warm-start learning rate"))
+    examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "warmstart.steps", "must be >= 0")
+        check(self.batch_size >= 1, "warmstart.batch_size", "must be >= 1")
+        check(self.lr > 0, "warmstart.lr", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(default="runs/default", metadata=_h("run directory (config, metrics, checkpoints, report)"))
+    seed: int = field(default=0, metadata=_h("seed for data order, sampling and initialisation"))
+    steps: int = field(default=30, metadata=_h("RL steps"))
+    prompts_per_step: int = field(default=8, metadata=_h("questions per RL step (each sampled group_size times)"))
+    mini_batch_size: int = field(default=32, metadata=_h("trajectories per optimiser step"))
+    micro_batch_size: int = field(default=8, metadata=_h("trajectories per forward/backward (gradient accumulation)"))
+    ppo_epochs: int = field(default=1, metadata=_h("passes over each step's rollouts"))
+    rollout_batch_size: int = field(default=32, metadata=_h("trajectories generated concurrently"))
+    save_every: int = field(default=10, metadata=_h("checkpoint every N steps (and at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_h("checkpoints kept on disk"))
+    eval_every: int = field(default=0, metadata=_h("validation EM every N steps (0 = only before and after)"))
+    eval_before: bool = field(default=True, metadata=_h("evaluate the model as RL starts"))
+    report: bool = field(default=True, metadata=_h("write the HTML report at the end"))
+    method: str = field(default="search", metadata=_h("rollout prompt: search | direct | cot | rag"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval_rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(temperature=0.0))
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "steps", "must be >= 0")
+        check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        check(self.mini_batch_size >= self.micro_batch_size, "mini_batch_size", "must be >= micro_batch_size")
+        check(self.mini_batch_size % self.micro_batch_size == 0, "mini_batch_size", "must be a multiple of micro_batch_size")
+        check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        check(self.save_every >= 1, "save_every", "must be >= 1")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        check(self.method in ("search", "direct", "cot", "rag"), "method", "must be search, direct, cot or rag")
+        check(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
+
+    @property
+    def trajectories_per_step(self) -> int:
+        return self.prompts_per_step * self.algo.group_size

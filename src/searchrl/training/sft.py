@@ -1,0 +1,162 @@
+"""Supervised stages on the same machinery as RL: format warm-start, SFT, rejection sampling.
+
+- ``demonstrations``: synthetic search trajectories for questions whose hop chain is known (the
+  synthetic world's ``extra["hops"]``). A scripted generator plays the model's turns (think,
+  search each hop's query, answer) inside the real rollout loop, so demonstrations carry exactly
+  the prompt, inserted ``<information>`` blocks and loss mask that RL will see. This is the short
+  cold start that teaches a small model the tags (as DeepSeek-R1's cold start does).
+- ``sft_train``: next-token loss on ``loss_mask == 1`` tokens of any trajectories.
+- ``rejection_sampling_data``: sample trajectories with the current policy and keep the correct
+  ones (the paper's rejection-sampling baseline = ``sft_train`` on them).
+
+Left out: packing several demonstrations per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from searchrl.rewards import exact_match
+from searchrl.rollout.generator import Completion, SamplingParams
+from searchrl.rollout.loop import RolloutConfig, run_rollouts
+from searchrl.training.batch import collate, micro_batches, response_logprobs
+from searchrl.types import QAExample, Trajectory
+
+log = logging.getLogger(__name__)
+
+_RELATION_WORDS = {
+    "born_in": "where {e} was born", "located_in": "which country {e} is in", "author": "who wrote {e}",
+    "founded_by": "who founded {e}", "founded_year": "when {e} was founded", "employer": "where {e} works",
+    "capital": "the capital of {e}", "headquartered_in": "where {e} is based", "director": "who directed {e}",
+    "spouse": "who {e} is married to",
+}
+
+
+def demo_turns(example: QAExample) -> list[str] | None:
+    """The model's turns of a demonstration for ``example`` (None without a hop chain)."""
+    hops = example.extra.get("hops") if example.extra else None
+    if not hops:
+        return None
+    turns = []
+    for i, hop in enumerate(hops):
+        need = _RELATION_WORDS.get(hop["relation"], "the " + hop["relation"].replace("_", " ") + " of {e}")
+        lead = "" if i == 0 else f"The passage says the answer so far is {hops[i - 1]['answer']}. "
+        turns.append(f"<think> {lead}I need to find {need.format(e=hop['entity'])}. </think>\n"
+                     f"<search> {hop['query']} </search>")
+    answer = hops[-1]["answer"]
+    turns.append(f"<think> The information says it is {answer}. </think>\n<answer> {answer} </answer>")
+    return turns
+
+
+class ScriptedGenerator:
+    """A Generator that replays fixed turn texts, keyed by the prompt each context starts with."""
+
+    def __init__(self, tokenizer: Any, scripts: dict[tuple[int, ...], list[str]]):
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.calls: dict[tuple[int, ...], int] = {}
+        self.prompt_lens = sorted({len(k) for k in scripts})
+
+    def _key(self, context: list[int]) -> tuple[int, ...]:
+        for n in self.prompt_lens:
+            key = tuple(context[:n])
+            if key in self.scripts:
+                return key
+        raise KeyError("context does not start with a scripted prompt")
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, stop=None) -> list[Completion]:
+        out = []
+        for ctx in prompts:
+            key = self._key(ctx)
+            i = self.calls.get(key, 0)
+            self.calls[key] = i + 1
+            script = self.scripts[key]
+            text = script[min(i, len(script) - 1)]
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))[: sampling.max_new_tokens]
+            out.append(Completion(ids, [0.0] * len(ids), "stop", stop_string=None, text=text))
+        return out
+
+
+def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cfg: RolloutConfig,
+                   limit: int, seed: int = 0, method: str = "search") -> list[Trajectory]:
+    """Up to ``limit`` scripted demonstration trajectories that end with the gold answer."""
+    from searchrl.rollout.prompts import build_prompt
+
+    pool = [e for e in examples if demo_turns(e)]
+    random.Random(seed).shuffle(pool)
+    scripts: dict[tuple[int, ...], list[str]] = {}
+    chosen = []
+    for e in pool:
+        key = tuple(build_prompt(tokenizer, e.question, method))
+        if key in scripts:
+            continue
+        scripts[key] = demo_turns(e)  # type: ignore[assignment]
+        chosen.append(e)
+        if len(chosen) >= limit:
+            break
+    gen = ScriptedGenerator(tokenizer, scripts)
+    trajs = run_rollouts(chosen, gen, retriever, tokenizer, cfg, n_samples=1, batch_size=64,
+                         method=method, progress=False)
+    good = [t for t in trajs if t.finish_reason == "answer" and exact_match(t.answer, t.example.golden_answers)]
+    log.info("demonstrations: %d of %d scripted trajectories are complete", len(good), len(trajs))
+    return good
+
+
+def sft_loss(model: torch.nn.Module, trajs: list[Trajectory], pad_id: int, device: torch.device,
+             normalizer: float) -> torch.Tensor:
+    """Summed next-token NLL over sampled (mask 1) response tokens, divided by ``normalizer``."""
+    b = collate(trajs, pad_id).to(device)
+    logp, _ = response_logprobs(model, b)  # [B, R]
+    return -(logp * b.loss_mask).sum() / normalizer
+
+
+def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], steps: int,
+              batch_size: int, lr: float, micro_batch_size: int = 8, seed: int = 0,
+              grad_clip: float = 1.0, progress: bool = True) -> list[float]:
+    """``steps`` AdamW steps of SFT over ``trajs`` (cycled in seeded order); returns the losses."""
+    if not trajs:
+        raise ValueError("no trajectories to train on")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="warm-start SFT", disable=not progress):
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(len(trajs)))
+                rng.shuffle(order)
+            batch.append(trajs[order.pop()])
+        total = float(sum(sum(t.loss_mask) for t in batch)) or 1.0
+        loss_sum = 0.0
+        for mb in micro_batches(batch, micro_batch_size):
+            loss = sft_loss(model, mb, pad_id, device, total)
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+    return losses
+
+
+def rejection_sampling_data(examples: list[QAExample], generator: Any, retriever: Any, tokenizer: Any,
+                            cfg: RolloutConfig, n_samples: int, batch_size: int = 32) -> list[Trajectory]:
+    """Sample ``n_samples`` trajectories per question; keep one correct one per question."""
+    trajs = run_rollouts(examples, generator, retriever, tokenizer, cfg, n_samples=n_samples,
+                         batch_size=batch_size, progress=True)
+    kept: dict[str, Trajectory] = {}
+    for t in trajs:
+        if t.example.id not in kept and exact_match(t.answer, t.example.golden_answers):
+            kept[t.example.id] = t
+    log.info("rejection sampling: kept %d of %d questions", len(kept), len(examples))
+    return list(kept.values())

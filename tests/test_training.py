@@ -1,0 +1,158 @@
+"""Trainer tests on a tiny random model: updates, accumulation invariance, masks, config errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from searchrl.config import apply_overrides, load_yaml_config
+from searchrl.errors import ConfigError
+from searchrl.training.batch import collate, response_logprobs
+from searchrl.training.config import TrainConfig
+from searchrl.training.models import build_models
+from searchrl.training.trainer import DataSampler, Trainer
+from searchrl.types import Passage, QAExample, Trajectory
+
+
+class EchoRetriever:
+    def search(self, queries, k=3):
+        return [[Passage(str(i), f"T{i}", f"about {q}", 1.0 / (i + 1)) for i in range(k)] for q in queries]
+
+
+def make_trajs(tokenizer, n: int, group: int, seed: int = 0) -> list[Trajectory]:
+    """Hand-made trajectories: random sampled tokens with an inserted (mask 0) block in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ex = QAExample(f"q{i // group}", f"question {i // group}", ["x"])
+        prompt = tokenizer.encode(f"Question {i // group}?", add_special_tokens=False)
+        a = torch.randint(100, 1000, (3 + i % 3,), generator=g).tolist()
+        ins = tokenizer.encode("\n<information>doc</information>\n", add_special_tokens=False)
+        b = torch.randint(100, 1000, (2 + i % 2,), generator=g).tolist()
+        out.append(Trajectory(ex, prompt, a + ins + b, [1] * len(a) + [0] * len(ins) + [1] * len(b),
+                              [0.0] * (len(a) + len(ins) + len(b)), sample_index=i % group))
+    return out
+
+
+def make_trainer(tiny_lm, tmp_path, *overrides: str) -> Trainer:
+    model, tok = tiny_lm
+    cfg = apply_overrides(TrainConfig(), [f"out={tmp_path / 'run'}", "prompts_per_step=2", "algo.group_size=2",
+                                          "mini_batch_size=4", "micro_batch_size=4", "optim.lr=1e-2",
+                                          "rollout.max_new_tokens_per_turn=16", "rollout.max_turns=1", *overrides])
+    bundle = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic,
+                          model=model, tokenizer=tok)
+    examples = [QAExample(f"e{i}", f"What is item {i}", [f"a{i}"]) for i in range(4)]
+    return Trainer(cfg, bundle, EchoRetriever(), examples)
+
+
+def surrogate(tr: Trainer, trajs, prep) -> float:
+    """The policy loss of the current weights on a fixed batch (old log-probs from ``prep``)."""
+    from searchrl.algos.losses import policy_loss
+
+    b = collate(trajs, tr.pad_id)
+    with torch.no_grad():
+        logp, _ = response_logprobs(tr.models.policy, b)
+    r = b.response_ids.shape[1]
+    loss, _ = policy_loss(logp, prep.old_logprobs[:, :r], prep.advantages[:, :r], prep.mask[:, :r])
+    return float(loss)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_one_step_changes_parameters_and_lowers_the_loss(tiny_lm, tmp_path, estimator):
+    tr = make_trainer(tiny_lm, tmp_path, f"algo.estimator={estimator}", "algo.kl_coef=0.001",
+                      *(["algo.group_size=1", "prompts_per_step=4"] if estimator == "gae" else []))
+    trajs = make_trajs(tr.tokenizer, 4, tr.cfg.algo.group_size)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    before = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters()}
+    prep = tr.prepare(trajs, rewards)
+    assert prep.advantages.abs().sum() > 0
+    loss0 = surrogate(tr, trajs, prep)
+    metrics = tr.update(trajs, prep)
+    changed = [n for n, p in tr.models.policy.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "no parameter changed"
+    assert surrogate(tr, trajs, prep) < loss0 - 1e-4
+    assert metrics["grad_norm"] > 0
+    if estimator == "gae":
+        assert "value_loss" in metrics
+
+
+def _grads_after_accumulation(tiny_lm, tmp_path, micro: int) -> dict[str, torch.Tensor]:
+    model, tok = tiny_lm
+    tr = make_trainer((copy.deepcopy(model), tok), tmp_path / f"m{micro}", f"micro_batch_size={micro}",
+                      "mini_batch_size=8", "prompts_per_step=4", "algo.kl_coef=0.01", "algo.entropy_coef=0.01")
+    trajs = make_trajs(tok, 8, 2)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25])
+    prep = tr.prepare(trajs, rewards)
+    prep.old_logprobs = prep.old_logprobs - 0.05  # ratio != 1 so clipping and KL terms are live
+    norm = tr._normalizer(prep.mask)
+    tr._accumulate(trajs, prep, list(range(8)), norm, tr.models.device)
+    return {n: p.grad.clone() for n, p in tr.models.policy.named_parameters() if p.grad is not None}
+
+
+def test_micro_batch_accumulation_invariance(tiny_lm, tmp_path):
+    g8 = _grads_after_accumulation(tiny_lm, tmp_path, 8)  # micro 8 x accumulation 1
+    g1 = _grads_after_accumulation(tiny_lm, tmp_path, 1)  # micro 1 x accumulation 8
+    assert g8.keys() == g1.keys() and g8
+    for n in g8:
+        torch.testing.assert_close(g1[n], g8[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mask_switch_selects_loss_or_response_mask(tiny_lm, tmp_path):
+    trajs = make_trajs(tiny_lm[1], 4, 2)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    masked = make_trainer(tiny_lm, tmp_path / "a").prepare(trajs, rewards)
+    unmasked = make_trainer(tiny_lm, tmp_path / "b", "algo.mask_retrieved=false").prepare(trajs, rewards)
+    inserted = (masked.mask == 0) & (unmasked.mask == 1)
+    assert inserted.sum() == sum(t.loss_mask.count(0) for t in trajs)
+    assert torch.all(masked.advantages[inserted] == 0)
+    assert torch.all(unmasked.advantages[inserted] != 0)
+
+
+def test_rollout_step_runs_end_to_end(tiny_lm, tmp_path):
+    tr = make_trainer(tiny_lm, tmp_path)
+    m = tr.step()
+    assert m["step"] == 1 and len(tr.last_trajectories) == 4
+    for t in tr.last_trajectories:
+        assert len(t.response_ids) == len(t.loss_mask) == len(t.old_logprobs)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_sampler_is_resumable():
+    a = DataSampler(5, seed=3)
+    first = a.next(3)
+    b = DataSampler(5, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert a.next(7) == b.next(7)
+    assert sorted(first + DataSampler(5, seed=3).next(5)[3:]) == sorted(DataSampler(5, seed=3).next(5))
+
+
+@pytest.mark.parametrize("override,field", [
+    ("algo.estimator=nope", "algo.estimator"),
+    ("micro_batch_size=3", "mini_batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+    ("algo.kl_estimator=k9", "algo.kl_estimator"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("steps=ten", "steps"),
+    ("algo.colour=red", "algo.colour"),
+    ("model.dtype=float8", "model.dtype"),
+])
+def test_bad_config_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), [override])
+    assert str(e.value).startswith(field), str(e.value)
+
+
+def test_yaml_configs_in_repo_load(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_yaml_config(TrainConfig, path)
+        assert cfg.steps >= 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo:\n  group_size: 0\n")
+    with pytest.raises(ConfigError, match="algo.group_size"):
+        load_yaml_config(TrainConfig, bad)
