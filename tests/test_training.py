@@ -68,6 +68,9 @@ def test_one_step_changes_parameters_and_lowers_the_loss(tiny_lm, tmp_path, esti
     before = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters()}
     prep = tr.prepare(trajs, rewards)
     assert prep.advantages.abs().sum() > 0
+    assert prep.old_logprobs is None  # one epoch, one mini-batch: on-policy, no extra forward pass
+    with torch.no_grad():
+        prep.old_logprobs = response_logprobs(tr.models.policy, collate(trajs, tr.pad_id))[0]
     loss0 = surrogate(tr, trajs, prep)
     metrics = tr.update(trajs, prep)
     changed = [n for n, p in tr.models.policy.named_parameters() if not torch.equal(p, before[n])]
@@ -85,7 +88,9 @@ def _grads_after_accumulation(tiny_lm, tmp_path, micro: int) -> dict[str, torch.
     trajs = make_trajs(tok, 8, 2)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25])
     prep = tr.prepare(trajs, rewards)
-    prep.old_logprobs = prep.old_logprobs - 0.05  # ratio != 1 so clipping and KL terms are live
+    with torch.no_grad():
+        old = response_logprobs(tr.models.policy, collate(trajs, tr.pad_id))[0]
+    prep.old_logprobs = old - 0.05  # ratio != 1 so clipping and KL terms are live
     norm = tr._normalizer(prep.mask)
     tr._accumulate(trajs, prep, list(range(8)), norm, tr.models.device)
     return {n: p.grad.clone() for n, p in tr.models.policy.named_parameters() if p.grad is not None}

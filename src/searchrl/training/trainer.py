@@ -77,7 +77,7 @@ class Prepared:
     """Per-step training data, ``[N, R]`` over response tokens (R = the step's longest response)."""
 
     mask: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None  # None: one on-policy pass, the update's own log-probs are "old"
     ref_logprobs: torch.Tensor | None
     values: torch.Tensor | None
     advantages: torch.Tensor
@@ -140,20 +140,24 @@ class Trainer:
         full = collate(trajs, self.pad_id)
         N, R = full.response_ids.shape
         mask = self._loss_mask(full)  # [N, R]
-        old = torch.zeros(N, R)
-        ref = torch.zeros(N, R) if self.models.has_reference and self.cfg.algo.kl_coef > 0 else None
+        a = self.cfg.algo
+        ref = torch.zeros(N, R) if self.models.has_reference and a.kl_coef > 0 else None
+        # With one epoch over one mini-batch the policy has not moved when the loss is computed, so
+        # the old log-probs equal the update's own (detached): skip a full forward pass.
+        on_policy = self.cfg.ppo_epochs == 1 and self.cfg.mini_batch_size >= N and not (ref is not None and a.kl_in_reward)
+        old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
         dev = self.models.device
         for rows in micro_batches(list(range(N)), self.cfg.micro_batch_size):
             b = collate([trajs[i] for i in rows], self.pad_id).to(dev)
             r = b.response_ids.shape[1]
-            old[rows, :r] = response_logprobs(self.models.policy, b)[0].cpu()
+            if old is not None:
+                old[rows, :r] = response_logprobs(self.models.policy, b)[0].cpu()
             if ref is not None:
                 with self.models.reference_mode() as ref_model:
                     ref[rows, :r] = response_logprobs(ref_model, b)[0].cpu()
             if values is not None:
                 values[rows, :r] = self.models.critic(b).float().cpu()
-        a = self.cfg.algo
         token_rewards = place_outcome_reward(rewards, mask)  # [N, R]
         if ref is not None and a.kl_in_reward:
             token_rewards = apply_kl_penalty(token_rewards, kl_penalty(old, ref, a.kl_estimator), a.kl_coef, mask)
@@ -211,7 +215,8 @@ class Trainer:
             m = prep.mask[rows, :r].to(dev)
             w = float(m.sum()) / max(float(prep.mask[mini].sum()), 1.0)  # share of the mini-batch's tokens
             logp, ent = response_logprobs(self.models.policy, b, with_entropy=True, entropy_grad=a.entropy_coef > 0)
-            pl, pm = policy_loss(logp, prep.old_logprobs[rows, :r].to(dev), prep.advantages[rows, :r].to(dev), m,
+            old = logp.detach() if prep.old_logprobs is None else prep.old_logprobs[rows, :r].to(dev)
+            pl, pm = policy_loss(logp, old, prep.advantages[rows, :r].to(dev), m,
                                  clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip,
                                  agg=a.loss_agg, normalizer=norm)
             loss = pl
