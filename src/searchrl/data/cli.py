@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--hop-weights", type=_weights, default=None,
                    help="relative frequency of 1,2,3-hop questions (default 0.4,0.4,0.2)",
                    metavar="W1,W2,W3")  # fmt: skip
+    p.add_argument("--filler", type=float, default=None,
+                   help="scale of filler text in passages, 0-1 (default 1; 0 = facts only)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "n_questions": args.questions,
         "test_fraction": args.test_fraction,
         "hop_weights": args.hop_weights,
+        "filler": args.filler,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if args.out:

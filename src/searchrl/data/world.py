@@ -65,6 +65,7 @@ class WorldConfig:
     hop_weights: tuple[float, ...] = (0.4, 0.4, 0.2)  # relative frequency of 1, 2, 3 hops
     twin_fraction: float = 0.12  # share of entities that are look-alike distractors
     two_passage_fraction: float = 0.15  # share of rich entities split over two passages
+    filler: float = 1.0  # scale of the filler text around the facts (0 = facts only: short passages)
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -80,6 +81,8 @@ class WorldConfig:
         w = self.hop_weights
         if not 1 <= len(w) <= 3 or any(x < 0 for x in w) or sum(w) <= 0:
             raise ConfigError(f"world.hop_weights needs 1-3 non-negative weights, got {w}")
+        if not 0.0 <= self.filler <= 1.0:
+            raise ConfigError(f"world.filler must be in [0, 1], got {self.filler}")
         for name in ("twin_fraction", "two_passage_fraction"):
             if not 0.0 <= getattr(self, name) <= 0.5:
                 raise ConfigError(f"world.{name} must be in [0, 0.5], got {getattr(self, name)}")
@@ -105,7 +108,7 @@ class World:
         g = self.graph
         for eid in range(len(g)):
             start = g.offsets[eid]
-            for j, (text, _) in enumerate(render_entity(g, eid)):
+            for j, (text, _) in enumerate(render_entity(g, eid, self.config.filler)):
                 yield Passage(str(start + j), g.names[eid], text)
 
     def iter_questions(self) -> Iterator[QAExample]:
@@ -223,9 +226,10 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "searchrl"
 
 
-def default_world_dir(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES) -> Path:
-    """Where :func:`ensure_default_world` keeps the world for ``(seed, n_entities)``."""
-    return cache_root() / f"world-{seed}-{n_entities}"
+def default_world_dir(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES, **options: Any) -> Path:
+    """Where :func:`ensure_default_world` keeps the world for ``(seed, n_entities, options)``."""
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    return cache_root() / f"world-{seed}-{n_entities}{suffix}"
 
 
 def _is_complete(folder: Path, seed: int, n_entities: int) -> bool:
@@ -242,10 +246,10 @@ def _is_complete(folder: Path, seed: int, n_entities: int) -> bool:
     )
 
 
-def ensure_default_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES) -> Path:
+def ensure_default_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENTITIES, **options: Any) -> Path:
     """The folder of the default world, generated on first use (atomically) and reused after."""
-    WorldConfig(seed=seed, n_entities=n_entities)  # validate before touching the cache
-    folder = default_world_dir(seed, n_entities)
+    WorldConfig(seed=seed, n_entities=n_entities, **options)  # validate before touching the cache
+    folder = default_world_dir(seed, n_entities, **options)
     if _is_complete(folder, seed, n_entities):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +258,7 @@ def ensure_default_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENT
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a plain folder
-        write_world(generate_world(seed, n_entities), tmp)
+        write_world(generate_world(seed, n_entities, **options), tmp)
         if folder.exists():  # stale (older version) or partial: replace it
             shutil.rmtree(folder, ignore_errors=True)
         try:

@@ -251,8 +251,10 @@ def _fact_sentences(g: Graph, eid: int, subj: _Subject, rels: list[str], rng) ->
     return out
 
 
-def render_entity(g: Graph, eid: int) -> list[tuple[str, list[str]]]:
-    """The entity's passages as ``(text, relations stated)``; the title is ``g.names[eid]``."""
+def render_entity(g: Graph, eid: int, filler: float = 1.0) -> list[tuple[str, list[str]]]:
+    """The entity's passages as ``(text, relations stated)``; the title is ``g.names[eid]``.
+
+    ``filler`` scales the target length that filler sentences pad a passage to (0: facts only)."""
     rng = stream_rng(g.seed, STREAM_TEXT, eid)
     subj = _Subject(g, eid)
     pool = list(FILLERS[subj.etype])
@@ -268,7 +270,7 @@ def render_entity(g: Graph, eid: int) -> list[tuple[str, list[str]]]:
             intro_t = SECOND_INTRO
         body = _fact_sentences(g, eid, subj, rels, rng)
         fillers = pool[j :: len(groups)]  # no filler repeats across an entity's passages
-        target = rng.randint(50, 95) if len(groups) == 1 else rng.randint(40, 60)
+        target = filler * (rng.randint(50, 95) if len(groups) == 1 else rng.randint(40, 60))
         sentences = [_fill(rng.choice(intro_t), subj, rng)]
         words = len(sentences[0].split()) + sum(len(s.split()) for s in body)
         for t in fillers:

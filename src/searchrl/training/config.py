@@ -42,6 +42,7 @@ class ModelConfig:
 class DataConfig:
     world_seed: int = field(default=0, metadata=_h("seed of the synthetic world (used when train_files is empty)"))
     world_entities: int = field(default=0, metadata=_h("entities in the synthetic world; 0 = the embedded default size"))
+    world_filler: float = field(default=1.0, metadata=_h("filler text in world passages, 0-1 (shorter passages = cheaper rollouts)"))
     train_files: list[str] = field(default_factory=list, metadata=_h("QA files to train on (any supported format); empty = the synthetic world"))
     eval_files: list[str] = field(default_factory=list, metadata=_h("QA files to evaluate on; empty = the world's test split"))
     corpus: str | None = field(default=None, metadata=_h("corpus JSONL to index in-process (with train_files)"))

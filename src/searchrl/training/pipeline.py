@@ -49,7 +49,8 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         from searchrl.data.qa import load_qa
         from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
 
-        world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES)
+        options = {"filler": d.world_filler} if d.world_filler != 1.0 else {}
+        world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES, **options)
         questions = load_qa(world / "questions.jsonl")
         train = [q for q in questions if q.split == "train"]
         evals = [q for q in questions if q.split == "test"]
