@@ -4,12 +4,18 @@ Backends (``hf`` for any transformers causal LM, ``vllm`` when installed) implem
 :class:`Generator`. Stop strings are honoured *during* sampling: a row stops as soon as its decoded
 text contains one of them (the stop string is kept, the tokens are exactly as sampled; a stop string
 that ends in the middle of a token keeps that whole token).
+
+Log-probs are the sampled tokens' log-probabilities under the raw model's
+``softmax(logits / temperature)`` (temperature 1 when greedy), before any top-p truncation (vLLM
+returns its ``logprobs_mode`` values, by default at temperature 1): with the RL settings
+(temperature 1, top-p 1) every backend returns the policy's own log-probabilities.
+:func:`make_generator` builds a backend by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,12 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One row's output. ``finish_reason`` is ``"stop"`` (a stop string), ``"eos"`` or ``"length"``."""
+    """One row's output. ``finish_reason`` is ``"stop"`` (a stop string), ``"eos"`` or ``"length"``.
+
+    ``token_ids`` are exactly the sampled tokens (an EOS token included); ``logprobs`` has one entry
+    per token (see the module docstring for which distribution); ``text`` decodes ``token_ids``
+    with special tokens skipped.
+    """
 
     token_ids: list[int]
     logprobs: list[float]
@@ -47,3 +58,55 @@ class Generator(Protocol):
     ) -> list[Completion]:
         """One completion per prompt, in order."""
         ...
+
+
+GENERATOR_KINDS = ("hf", "vllm")
+
+
+def make_generator(
+    kind: str = "hf",
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    model_path: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> Generator:
+    """Build a generation backend by name.
+
+    ``hf``: wraps ``model``/``tokenizer`` when given (e.g. the policy being trained), else loads
+    ``model_path`` (default: SmolLM2-135M-Instruct) with ``dtype`` (default float32) and
+    ``device`` (default cpu); ``kwargs`` go to :class:`~searchrl.rollout.hf.HFGenerator`
+    (``batch_size``, ``eos_token_ids``).
+    ``vllm``: a :class:`~searchrl.rollout.vllm_backend.VLLMGenerator` over ``model_path`` (default:
+    the cached SmolLM2 folder; vLLM picks its own device); ``kwargs`` go to the vLLM engine.
+
+    >>> make_generator("tgi")
+    Traceback (most recent call last):
+    ...
+    searchrl.errors.ConfigError: generator kind: unknown 'tgi'; valid: hf, vllm
+    """
+    from searchrl.errors import ConfigError
+
+    if kind == "hf":
+        from searchrl.models import load_model
+        from searchrl.rollout.hf import HFGenerator
+
+        if model is None:
+            model, loaded_tokenizer = load_model(
+                model_path, dtype=dtype or "float32", device=device or "cpu"
+            )
+            tokenizer = tokenizer or loaded_tokenizer
+        elif tokenizer is None:
+            raise ConfigError("generator: a tokenizer must be given with the model")
+        return HFGenerator(model, tokenizer, device=device, **kwargs)
+    if kind == "vllm":
+        from searchrl.rollout.vllm_backend import VLLMGenerator
+
+        if model is not None:
+            raise ConfigError("generator: the vllm backend loads its own model; pass model_path")
+        if dtype is not None:
+            kwargs.setdefault("dtype", dtype)
+        return VLLMGenerator(model_path, **kwargs)
+    raise ConfigError(f"generator kind: unknown {kind!r}; valid: {', '.join(GENERATOR_KINDS)}")

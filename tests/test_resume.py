@@ -1,0 +1,88 @@
+"""A training run killed mid-way (SIGKILL) and resumed ends with exactly the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    from searchrl.models import tiny_random_lm
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_random_lm(tiny_tokenizer, seed=0)
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def _cmd(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "searchrl.cli", "train", f"out={out}", f"model.name={model_dir}",
+            f"steps={STEPS}", "save_every=1", "keep_checkpoints=10", "prompts_per_step=2", "algo.group_size=2",
+            "mini_batch_size=2", "micro_batch_size=2", "ppo_epochs=2", "algo.kl_coef=0.01",
+            "data.world_entities=60", "data.eval_limit=2", "eval_before=false", "report=false",
+            "warmstart.steps=0", "rollout.max_turns=1", "rollout.max_new_tokens_per_turn=16",
+            "eval_rollout.max_turns=1", "eval_rollout.max_new_tokens_per_turn=16", *extra]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, SEARCHRL_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step-{STEPS:06d}" / "policy.safetensors"))
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_model_dir, tmp_path):
+    env = _env(tmp_path)
+    full = tmp_path / "full"
+    subprocess.run(_cmd(tiny_model_dir, full), env=env, check=True, capture_output=True, timeout=600)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(tiny_model_dir, cut), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = cut / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.time() + 600
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind: as a crash or an OOM kill
+    proc.wait()
+    assert target.exists(), "the run never reached its step-2 checkpoint"
+    assert not (cut / "checkpoints" / f"step-{STEPS:06d}").exists(), "killed too late to test anything"
+
+    res = subprocess.run(_cmd(tiny_model_dir, cut, "--resume"), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _final_weights(full), _final_weights(cut)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+    assert len(steps) == STEPS  # no duplicated or missing step records after the crash
+    full_log = [line for line in (full / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
+    import json
+
+    assert [json.loads(x)["reward"] for x in steps] == [json.loads(x)["reward"] for x in full_log]
+
+
+def test_existing_run_dir_needs_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    res = subprocess.run(_cmd(tiny_model_dir, out), env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "--resume" in res.stderr
