@@ -161,3 +161,40 @@ def test_yaml_configs_in_repo_load(tmp_path):
     bad.write_text("algo:\n  group_size: 0\n")
     with pytest.raises(ConfigError, match="algo.group_size"):
         load_yaml_config(TrainConfig, bad)
+
+
+def test_sft_baseline_data_and_training_lower_the_loss(tiny_lm):
+    from searchrl.training.sft import answer_sft_data, sft_train
+
+    model, tok = tiny_lm
+    exs = [QAExample(f"e{i}", f"What is item {i}", [f"Gold{i}"]) for i in range(3)]
+    data = answer_sft_data(exs, tok)
+    assert all(sum(t.loss_mask) == len(t.response_ids) for t in data)
+    assert "<answer> Gold0 </answer>" in tok.decode(data[0].response_ids)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    losses = sft_train(model, tok, data, steps=8, batch_size=3, lr=1e-2, micro_batch_size=2, progress=False)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
+    from searchrl.data.world import generate_world
+    from searchrl.retrieval.bm25 import BM25Retriever
+    from searchrl.rollout.loop import RolloutConfig
+    from searchrl.training.sft import demonstrations
+
+    world = generate_world(seed=1, n_entities=80)
+    retriever = BM25Retriever.build(world.passages, show_progress=False)
+    demos = demonstrations(world.questions, tiny_tokenizer, retriever, RolloutConfig(), limit=10)
+    assert len(demos) >= 8  # a demo is kept only when it ends with the gold answer
+    for d in demos:
+        assert d.num_searches == d.example.extra["num_hops"]
+        assert d.finish_reason == "answer"
+        info = [i for i, m in enumerate(d.loss_mask) if m == 0]
+        assert info and "<information>" in tiny_tokenizer.decode([d.response_ids[i] for i in info])
+
+
+def test_sft_mode_needs_direct_method():
+    with pytest.raises(ConfigError, match="method"):
+        apply_overrides(TrainConfig(), ["mode=sft"])
+    assert apply_overrides(TrainConfig(), ["mode=sft", "method=direct"]).mode == "sft"

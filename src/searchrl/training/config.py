@@ -144,6 +144,7 @@ class TrainConfig:
     eval_before: bool = field(default=True, metadata=_h("evaluate the model as RL starts"))
     report: bool = field(default=True, metadata=_h("write the HTML report at the end"))
     method: str = field(default="search", metadata=_h("rollout prompt: search | direct | cot | rag"))
+    mode: str = field(default="rl", metadata=_h("rl | sft (paper's SFT baseline: question -> gold answer) | rejection (SFT on the policy's own correct trajectories); sft/rejection use steps as SFT steps of mini_batch_size"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -163,6 +164,8 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         check(self.method in ("search", "direct", "cot", "rag"), "method", "must be search, direct, cot or rag")
         check(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
+        check(self.mode in ("rl", "sft", "rejection"), "mode", f"must be rl, sft or rejection, got {self.mode!r}")
+        check(self.mode != "sft" or self.method == "direct", "method", "mode=sft trains question -> answer: set method=direct")
 
     @property
     def trajectories_per_step(self) -> int:

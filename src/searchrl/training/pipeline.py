@@ -14,6 +14,7 @@ Left out: multi-process training (see the README's scaling section).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -109,12 +110,58 @@ def _headline(metrics: dict) -> dict:
     return {"em": avg["em"], "searches_per_question": avg["searches_per_question"]}
 
 
+def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out: Path) -> None:
+    """SFT on scripted demonstrations; from the synthetic world when the data has no hop chains."""
+    from searchrl.training.sft import demonstrations, sft_train
+
+    tok = models.tokenizer
+    pool, demo_retriever = train, retriever
+    if not any(q.extra.get("hops") for q in train):
+        from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
+        from searchrl.data.qa import load_qa
+
+        world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES)
+        pool = [q for q in load_qa(world / "questions.jsonl") if q.split == "train"]
+        demo_retriever = make_retriever(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, index=None, retriever_url=None)), world / "corpus.jsonl")
+        log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
+    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
+                           method=cfg.method)
+    if not demos:
+        raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
+    losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
+                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
+    if models.reference is not None:  # the reference is the model RL starts from
+        models.reference.load_state_dict(models.policy.state_dict())
+
+
+def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever, out: Path) -> None:
+    """``mode=sft``: question -> gold answer; ``mode=rejection``: the policy's own correct trajectories."""
+    from searchrl.training.sft import answer_sft_data, rejection_sampling_data, sft_train
+
+    tok = trainer.tokenizer
+    if cfg.mode == "sft":
+        data = answer_sft_data(train, tok, method=cfg.method)
+    else:
+        data = rejection_sampling_data(train[: cfg.prompts_per_step * cfg.steps], generator, retriever, tok,
+                                       cfg.rollout, n_samples=cfg.algo.group_size,
+                                       batch_size=cfg.rollout_batch_size)
+    if not data:
+        raise SearchRLError(f"mode={cfg.mode}: no training data (rejection sampling kept no trajectory)")
+    losses = sft_train(trainer.models.policy, tok, data, cfg.steps, cfg.mini_batch_size, cfg.optim.lr,
+                       micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    for i, loss in enumerate(losses, 1):
+        trainer.logger.log({"step": i, "sft_loss": loss, "examples": len(data)})
+    trainer.step_idx = cfg.steps
+    trainer.save()
+
+
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content."""
     from searchrl.rollout.hf import HFGenerator
     from searchrl.training.checkpoint import list_checkpoints
     from searchrl.training.models import build_models
-    from searchrl.training.sft import demonstrations, sft_train
     from searchrl.training.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -136,16 +183,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     resumed = resume and trainer.resume()
 
     if not resumed and cfg.warmstart.steps > 0:
-        demos = demonstrations(train, tok, retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
-                               method=cfg.method)
-        if not demos:
-            raise SearchRLError("warm-start needs questions with hop chains (the synthetic world's); "
-                                "set warmstart.steps=0 for other data")
-        losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
-                           cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
-        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
-        if models.reference is not None:  # the reference is the model RL starts from
-            models.reference.load_state_dict(models.policy.state_dict())
+        _warm_start(cfg, models, train, retriever, out)
     if not list_checkpoints(out):
         trainer.save()  # step 0 = the model RL starts from, so --resume never redoes the warm-start
     before_path = out / "eval_before.json"
@@ -163,7 +201,10 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
             trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
                                 "val_searches": val["avg"]["searches_per_question"]})
 
-    trainer.fit(on_step=on_step)
+    if cfg.mode == "rl":
+        trainer.fit(on_step=on_step)
+    elif trainer.step_idx < cfg.steps:  # the paper's SFT / rejection-sampling baselines
+        _supervised_baseline(cfg, trainer, train, generator, retriever, out)
     bar.close()
     summary: dict[str, Any] = {"steps": trainer.step_idx}
     if evals:

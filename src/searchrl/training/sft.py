@@ -149,6 +149,21 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
     return losses
 
 
+def answer_sft_data(examples: list[QAExample], tokenizer: Any, method: str = "direct") -> list[Trajectory]:
+    """The paper's SFT baseline data: the prompt, then ``<answer> gold </answer>`` (no search)."""
+    from searchrl.models import eos_token_ids
+    from searchrl.rollout.prompts import build_prompt
+
+    eos = eos_token_ids(tokenizer)[:1]
+    out = []
+    for e in examples:
+        ids = list(tokenizer.encode(f"<answer> {e.golden_answers[0]} </answer>", add_special_tokens=False)) + eos
+        out.append(Trajectory(e, build_prompt(tokenizer, e.question, method), ids, [1] * len(ids),
+                              [0.0] * len(ids), finish_reason="answer",
+                              response_text=tokenizer.decode(ids)))
+    return out
+
+
 def rejection_sampling_data(examples: list[QAExample], generator: Any, retriever: Any, tokenizer: Any,
                             cfg: RolloutConfig, n_samples: int, batch_size: int = 32) -> list[Trajectory]:
     """Sample ``n_samples`` trajectories per question; keep one correct one per question."""
