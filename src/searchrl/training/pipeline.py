@@ -5,7 +5,7 @@ embedded default: the synthetic world (generated and cached on first use), an in
 index over it, SmolLM2-135M-Instruct, a short SFT format warm-start, GRPO, and greedy evaluation
 on the world's held-out test questions before and after RL. Everything lands in ``cfg.out``:
 ``config.yaml``, ``metrics.jsonl``, ``eval_before.json`` / ``eval_after.json`` (+ trajectories),
-``checkpoints/``, ``summary.json``, ``report/``. A crashed run continues with ``--resume``: the
+``checkpoints/``, ``model/`` (the trained policy as a transformers folder), ``summary.json``, ``report/``. A crashed run continues with ``--resume``: the
 warm-start and the "before" evaluation are stored once and not redone, RL continues from the
 newest checkpoint.
 
@@ -157,6 +157,20 @@ def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever,
     trainer.save()
 
 
+def export_model(models, path: Path) -> Path:
+    """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``."""
+    policy = models.policy.merge_and_unload() if models.uses_lora else models.policy
+    tmp = path.with_name(path.name + ".tmp")
+    policy.save_pretrained(tmp)
+    models.tokenizer.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content."""
     from searchrl.rollout.hf import HFGenerator
@@ -215,6 +229,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     prev = json.loads((out / "summary.json").read_text()) if resumed and (out / "summary.json").exists() else {}
     summary["wall_seconds"] = round(time.perf_counter() - t_start + prev.get("wall_seconds", 0.0), 1)
     summary["config"] = to_dict(cfg)
+    summary["model"] = str(export_model(models, out / "model"))
     _write_json(out / "summary.json", summary)
     if cfg.report:
         from searchrl.report.html import write_report
