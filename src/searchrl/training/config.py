@@ -18,7 +18,8 @@ from searchrl.rollout.loop import RolloutConfig
 
 # The embedded CPU default's rollout budgets: short turns and a short context keep a 2-core run in
 # minutes (the paper's 500 / 500 / 4096 and top-3 are in the configs/ presets). Two search turns cover
-# the synthetic world's 1- and 2-hop questions; its 3-hop ones stay out of reach on purpose.
+# the synthetic world's 1- and 2-hop questions; its 3-hop ones stay out of reach on purpose. Training
+# rollouts sample at temperature 0.7: at 1.0 a 135M model's answers are too noisy to earn any reward.
 CPU_ROLLOUT = dict(max_turns=2, topk=2, max_new_tokens_per_turn=64, max_obs_tokens=200, max_context_tokens=1024)
 
 
@@ -104,7 +105,7 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-5, metadata=_h("actor learning rate (AdamW)"))
+    lr: float = field(default=2e-5, metadata=_h("actor learning rate (AdamW)"))
     critic_lr: float = field(default=1e-5, metadata=_h("critic learning rate"))
     warmup_steps: int = field(default=0, metadata=_h("actor: linear warm-up steps, then constant"))
     critic_warmup_steps: int = field(default=0, metadata=_h("critic: linear warm-up steps, then constant"))
@@ -153,7 +154,7 @@ class TrainConfig:
     mode: str = field(default="rl", metadata=_h("rl | sft (paper's SFT baseline: question -> gold answer) | rejection (SFT on the policy's own correct trajectories); sft/rejection use steps as SFT steps of mini_batch_size"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT))
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=0.7))
     eval_rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=0.0))
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
