@@ -14,7 +14,6 @@ Left out: multi-process training (see the README's scaling section).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -46,7 +45,6 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
 
     d = cfg.data
     if not d.train_files:
-        from searchrl.data.corpus import load_corpus
         from searchrl.data.qa import load_qa
         from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
 
@@ -58,9 +56,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         corpus_path = world / "corpus.jsonl"
     else:
         train = load_qa_many(d.train_files, split="train")
-        evals = load_qa_many(d.eval_files, split="test") if d.eval_files else []
+        evals = []
         corpus_path = d.corpus
-    if d.eval_files and not d.train_files:
+    if d.eval_files:
         evals = load_qa_many(d.eval_files, split="test")
     if d.train_limit:
         train = train[: d.train_limit]
@@ -87,6 +85,11 @@ def make_retriever(cfg: TrainConfig, corpus_path: str | Path | None) -> Any:
         return load_index(d.index)
     if cfg.method in ("direct", "cot"):
         return None
+    return bm25_over(corpus_path)
+
+
+def bm25_over(corpus_path: str | Path) -> Any:
+    """An in-process BM25 retriever over a corpus file."""
     from searchrl.data.corpus import load_corpus
     from searchrl.retrieval.bm25 import BM25Retriever
 
@@ -120,10 +123,10 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
         from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
         from searchrl.data.qa import load_qa
 
-        world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES)
+        options = {"filler": cfg.data.world_filler} if cfg.data.world_filler != 1.0 else {}
+        world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES, **options)
         pool = [q for q in load_qa(world / "questions.jsonl") if q.split == "train"]
-        demo_retriever = make_retriever(dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, index=None, retriever_url=None)), world / "corpus.jsonl")
+        demo_retriever = bm25_over(world / "corpus.jsonl")
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
                            method=cfg.method)
@@ -186,7 +189,6 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     save_yaml_config(cfg, out / "config.yaml")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     train, evals, retriever = load_data(cfg)
     log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))

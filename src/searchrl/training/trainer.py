@@ -158,20 +158,19 @@ class Trainer:
                     ref[rows, :r] = response_logprobs(ref_model, b)[0].cpu()
             if values is not None:
                 values[rows, :r] = self.models.critic(b).float().cpu()
-        token_rewards = place_outcome_reward(rewards, mask)  # [N, R]
-        if ref is not None and a.kl_in_reward:
-            token_rewards = apply_kl_penalty(token_rewards, kl_penalty(old, ref, a.kl_estimator), a.kl_coef, mask)
         options: dict[str, Any] = {}
         if a.estimator == "grpo":
             options["norm_by_std"] = a.norm_by_std
-        if a.estimator in ("gae",):
+        if a.estimator == "gae":
             options.update(gamma=a.gamma, lam=a.lam)
         if a.estimator in ("reinforce++", "reinforce_plus_plus"):
             options["gamma"] = a.gamma
+        signal: dict[str, torch.Tensor] = {"rewards": rewards}  # placed on the last sampled token as needed
+        if ref is not None and a.kl_in_reward:
+            kl = kl_penalty(old, ref, a.kl_estimator)  # [N, R]
+            signal = {"token_rewards": apply_kl_penalty(place_outcome_reward(rewards, mask), kl, a.kl_coef, mask)}
         groups = [i // a.group_size for i in range(N)]  # rollouts come ordered by example, then sample
-        adv, ret = compute_advantages(a.estimator, mask=mask, rewards=None if a.kl_in_reward else rewards,
-                                      token_rewards=token_rewards if a.kl_in_reward or a.estimator == "gae" else None,
-                                      values=values, group_ids=groups, **options)
+        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, **signal, **options)
         return Prepared(mask, old, ref, values, adv, ret, rewards)
 
     def _normalizer(self, mask: torch.Tensor) -> float:
