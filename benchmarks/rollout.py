@@ -1,33 +1,78 @@
 """Rollout throughput: the multi-turn search loop versus raw generation and the original's way.
 
-Prints one JSON line per configuration (generated tokens/s, wall seconds, tokens):
+Prints one JSON line per configuration and KV-reuse setting (generated tokens/s, wall seconds,
+tokens); the rollout budgets default to the CPU training defaults (``CPU_ROLLOUT``: 2 search
+turns, top-2, 64 new tokens a turn, 200-token observations, 1024-token context):
 
-- ``loop``: ``run_rollouts`` over world questions (stop strings during sampling, refill).
-- ``raw``: the backend's plain ``generate`` of the same number of new tokens per row at the same
-  batch size (no stop strings, no retrieval): the ceiling the loop is measured against.
+- ``loop``: ``run_rollouts`` over world questions (stop strings during sampling, refill), with the
+  generator's KV counters (prompt tokens run, reused from kept rows, shared within a call) and
+  the model time split into prefill and decode steps (with the steps' mean batch size).
+- ``raw``: the backend's plain ``generate`` over the same questions' first prompts, at the same
+  batch size, of exactly ``tokens_per_row`` new tokens per row (the loop's generated tokens per
+  trajectory, rounded; EOS ignored, no stop strings, no retrieval): the ceiling the loop is
+  measured against (``loop_over_raw``). Same KV-reuse setting as the loop.
 - ``original``: the loop with a generator that, like the original Search-R1, ignores stop strings,
   generates each turn's whole budget and cuts the text afterwards (tokens/s counts kept tokens).
 
     python benchmarks/rollout.py                          # default model (SmolLM2-135M), CPU
+    python benchmarks/rollout.py --model /path/to/sft-model --kv-reuse on
     python benchmarks/rollout.py --random-config qwen2.5-3b --device cuda --batch 64
 
 A random model rarely writes a stop string, so with ``--random-config`` the loop and the original
-behave alike; the comparison that matters there is ``loop`` vs ``raw``.
+behave alike; the comparison that matters there is ``loop`` vs ``raw``. Set ``OMP_NUM_THREADS``
+to pin the CPU threads (printed as ``threads``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from searchrl.rollout.generator import Completion, SamplingParams  # noqa: E402
+from searchrl.training.config import CPU_ROLLOUT  # noqa: E402
+
+
+class ForwardTimer:
+    """Wraps ``model.forward`` to split generation time: prefill (more than one new token a row)
+    versus decode steps (one), with the decode steps' mean batch size. Syncs CUDA per forward."""
+
+    def __init__(self, model, cuda: bool):
+        import inspect
+
+        self.model, self.cuda, self.inner = model, cuda, model.forward
+        self.__signature__ = inspect.signature(model.forward)  # HFGenerator checks logits_to_keep
+        self.reset()
+
+    def reset(self):
+        self.prefill_s = self.decode_s = 0.0
+        self.steps = self.step_rows = 0
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        t = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        if self.cuda:
+            torch.cuda.synchronize()
+        b, n = kwargs["input_ids"].shape
+        if n == 1:
+            self.decode_s += time.perf_counter() - t
+            self.steps, self.step_rows = self.steps + 1, self.step_rows + b
+        else:
+            self.prefill_s += time.perf_counter() - t
+        return out
+
+    def summary(self) -> dict:
+        return {"prefill_seconds": round(self.prefill_s, 2), "decode_seconds": round(self.decode_s, 2),
+                "decode_steps": self.steps, "mean_decode_batch": round(self.step_rows / max(1, self.steps), 1)}
 
 
 class CutAfterwards:
@@ -36,6 +81,9 @@ class CutAfterwards:
     def __init__(self, inner, tokenizer):
         self.inner, self.tokenizer = inner, tokenizer
         self.kept = 0
+
+    def reset_cache(self):
+        self.inner.reset_cache()
 
     def generate(self, prompts, sampling: SamplingParams, stop=None):
         outs = self.inner.generate(prompts, sampling, stop=None)
@@ -54,19 +102,27 @@ class CutAfterwards:
         return cut
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model path / id (default: bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default=None, help="model folder / id (default: bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--random-config", default=None, help="random weights of a known shape, e.g. qwen2.5-3b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU by default")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32, help="trajectories in flight / raw batch size")
     ap.add_argument("--questions", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="per-turn budget")
-    ap.add_argument("--max-turns", type=int, default=3)
-    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=CPU_ROLLOUT["max_new_tokens_per_turn"], help="per-turn budget")
+    ap.add_argument("--max-turns", type=int, default=CPU_ROLLOUT["max_turns"])
+    ap.add_argument("--topk", type=int, default=CPU_ROLLOUT["topk"])
+    ap.add_argument("--max-obs-tokens", type=int, default=CPU_ROLLOUT["max_obs_tokens"])
+    ap.add_argument("--max-context", type=int, default=CPU_ROLLOUT["max_context_tokens"])
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--kv-reuse", choices=("on", "off", "both"), default="both")
     ap.add_argument("--skip-original", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     import torch
 
@@ -76,7 +132,9 @@ def main() -> None:
     from searchrl.models import load_model, load_tokenizer, random_lm_from_config
     from searchrl.retrieval.bm25 import BM25Retriever
     from searchrl.rollout.hf import HFGenerator
+    from searchrl.rollout.kv_cache import KVStats
     from searchrl.rollout.loop import RolloutConfig, RolloutStats, run_rollouts
+    from searchrl.rollout.prompts import build_prompt
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.random_config:
@@ -89,54 +147,66 @@ def main() -> None:
     world = ensure_default_world()
     questions = [q for q in load_qa(world / "questions.jsonl") if q.split == "test"][: args.questions]
     retriever = BM25Retriever.build(load_corpus(world / "corpus.jsonl"), show_progress=False)
-    gen = HFGenerator(model, tok)
     cfg = RolloutConfig(max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
-                        temperature=1.0, seed=0, max_context_tokens=4096)
+                        max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context,
+                        temperature=args.temperature, seed=0)
     base = {"model": name, "device": args.device, "dtype": dtype, "batch": args.batch, "questions": len(questions),
-            "max_new_tokens_per_turn": args.max_new_tokens, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "load": os.getloadavg()[0]}
+            "max_turns": cfg.max_turns, "topk": cfg.topk, "max_new_tokens_per_turn": cfg.max_new_tokens_per_turn,
+            "max_obs_tokens": cfg.max_obs_tokens, "temperature": cfg.temperature,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
 
     def sync():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    run_rollouts(questions[:2], gen, retriever, tok, cfg, batch_size=2, progress=False)  # warm-up
-    stats = RolloutStats()
-    sync(); t = time.perf_counter()
-    trajs = run_rollouts(questions, gen, retriever, tok, cfg, batch_size=args.batch, stats=stats, progress=False)
-    sync(); loop_s = time.perf_counter() - t
-    loop_tps = stats.generated_tokens / loop_s
-    print(json.dumps({**base, "mode": "loop", "generated_tokens": stats.generated_tokens, "seconds": round(loop_s, 2),
-                      "tokens_per_s": round(loop_tps, 1), "retrieval_seconds": round(stats.retrieval_seconds, 3),
-                      "rounds": stats.rounds,
-                      "searches_per_question": sum(x.num_searches for x in trajs) / len(trajs)}), flush=True)
-
-    # raw: the same number of new tokens per row, one batch at a time, no stop strings
-    per_row = max(1, round(stats.generated_tokens / len(questions)))
-    from searchrl.rollout.prompts import build_prompt
-
-    prompts = [build_prompt(tok, q.question) for q in questions]
-    sync(); t = time.perf_counter()
-    produced = 0
-    for i in range(0, len(prompts), args.batch):
-        outs = gen.generate(prompts[i : i + args.batch], SamplingParams(max_new_tokens=per_row, temperature=1.0, seed=1),
-                            stop=None)
-        produced += sum(len(o.token_ids) for o in outs)
-    sync(); raw_s = time.perf_counter() - t
-    raw_tps = produced / raw_s
-    print(json.dumps({**base, "mode": "raw", "generated_tokens": produced, "tokens_per_row": per_row,
-                      "seconds": round(raw_s, 2), "tokens_per_s": round(raw_tps, 1),
-                      "loop_over_raw": round(loop_tps / raw_tps, 3)}), flush=True)
-
-    if not args.skip_original:
-        orig = CutAfterwards(gen, tok)
-        stats_o = RolloutStats()
+    timer = ForwardTimer(model, args.device.startswith("cuda"))
+    model.forward = timer  # instance attribute: Module.__call__ goes through it
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.kv_reuse]
+    for reuse in settings:
+        row = {**base, "kv_reuse": reuse}
+        gen = HFGenerator(model, tok, kv_reuse=reuse)
+        run_rollouts(questions[:2], gen, retriever, tok, cfg, batch_size=2, progress=False)  # warm-up
+        gen.kv_stats = KVStats()  # count the measured run only
+        stats = RolloutStats()
+        timer.reset()
         sync(); t = time.perf_counter()
-        run_rollouts(questions, orig, retriever, tok, cfg, batch_size=args.batch, stats=stats_o, progress=False)
-        sync(); o_s = time.perf_counter() - t
-        print(json.dumps({**base, "mode": "original", "kept_tokens": orig.kept, "seconds": round(o_s, 2),
-                          "kept_tokens_per_s": round(orig.kept / o_s, 1),
-                          "loop_speedup": round(o_s / loop_s, 2)}), flush=True)
+        trajs = run_rollouts(questions, gen, retriever, tok, cfg, batch_size=args.batch, stats=stats, progress=False)
+        sync(); loop_s = time.perf_counter() - t
+        loop_tps = stats.generated_tokens / loop_s
+        emit({**row, "mode": "loop", "generated_tokens": stats.generated_tokens, "seconds": round(loop_s, 2),
+              "tokens_per_s": round(loop_tps, 1), "generation_seconds": round(stats.generation_seconds, 2),
+              "retrieval_seconds": round(stats.retrieval_seconds, 3), "rounds": stats.rounds,
+              "generator_calls": stats.generator_calls, "inserted_tokens": stats.inserted_tokens,
+              "searches_per_question": round(sum(x.num_searches for x in trajs) / len(trajs), 3),
+              **vars(gen.kv_stats), **timer.summary()})
+
+        # raw: the loop's new tokens per trajectory, every row exactly that many (EOS ignored)
+        per_row = max(1, round(stats.generated_tokens / len(questions)))
+        raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse)
+        prompts = [build_prompt(tok, q.question) for q in questions]
+        sampling = SamplingParams(max_new_tokens=per_row, temperature=cfg.temperature, seed=1)
+        raw.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=cfg.temperature, seed=1))  # warm-up
+        raw.reset_cache()
+        timer.reset()
+        sync(); t = time.perf_counter()
+        produced = 0
+        for i in range(0, len(prompts), args.batch):
+            produced += sum(len(o.token_ids) for o in raw.generate(prompts[i : i + args.batch], sampling))
+        sync(); raw_s = time.perf_counter() - t
+        raw_tps = produced / raw_s
+        emit({**row, "mode": "raw", "generated_tokens": produced, "tokens_per_row": per_row,
+              "seconds": round(raw_s, 2), "tokens_per_s": round(raw_tps, 1),
+              "loop_over_raw": round(loop_tps / raw_tps, 3), **timer.summary()})
+
+        if not args.skip_original:
+            orig = CutAfterwards(gen, tok)
+            stats_o = RolloutStats()
+            sync(); t = time.perf_counter()
+            run_rollouts(questions, orig, retriever, tok, cfg, batch_size=args.batch, stats=stats_o, progress=False)
+            sync(); o_s = time.perf_counter() - t
+            emit({**row, "mode": "original", "kept_tokens": orig.kept,
+                  "seconds": round(o_s, 2), "kept_tokens_per_s": round(orig.kept / o_s, 1),
+                  "kept_over_raw": round(orig.kept / o_s / raw_tps, 3), "loop_speedup": round(o_s / loop_s, 2)})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ Log-probs are the sampled tokens' log-probabilities under the raw model's
 returns its ``logprobs_mode`` values, by default at temperature 1): with the RL settings
 (temperature 1, top-p 1) every backend returns the policy's own log-probabilities.
 :func:`make_generator` builds a backend by name.
+
+A backend may keep state across calls that depends on the weights (the ``hf`` backend keeps KV
+caches): it then also implements :class:`ResettableGenerator` (``reset_cache()``), and callers
+that change the weights or start an independent batch of work call :func:`reset_cache`, which is
+a no-op for backends without such state. It is optional: the :class:`Generator` protocol does not
+require it.
 """
 
 from __future__ import annotations
@@ -60,6 +66,20 @@ class Generator(Protocol):
         ...
 
 
+@runtime_checkable
+class ResettableGenerator(Generator, Protocol):
+    def reset_cache(self) -> None:
+        """Forget all state kept from earlier calls (e.g. KV caches of the previous weights)."""
+        ...
+
+
+def reset_cache(generator: Any) -> None:
+    """Call ``generator.reset_cache()`` when it has one; do nothing otherwise."""
+    reset = getattr(generator, "reset_cache", None)
+    if callable(reset):
+        reset()
+
+
 GENERATOR_KINDS = ("hf", "vllm")
 
 
@@ -78,7 +98,7 @@ def make_generator(
     ``hf``: wraps ``model``/``tokenizer`` when given (e.g. the policy being trained), else loads
     ``model_path`` (default: SmolLM2-135M-Instruct) with ``dtype`` (default float32) and
     ``device`` (default cpu); ``kwargs`` go to :class:`~searchrl.rollout.hf.HFGenerator`
-    (``batch_size``, ``eos_token_ids``).
+    (``batch_size``, ``eos_token_ids``, ``kv_reuse``, ``kv_keep_calls``).
     ``vllm``: a :class:`~searchrl.rollout.vllm_backend.VLLMGenerator` over ``model_path`` (default:
     the cached SmolLM2 folder; vLLM picks its own device); ``kwargs`` go to the vLLM engine.
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from searchrl.errors import ConfigError, SearchRLError
 from searchrl.rewards import extract_answer
-from searchrl.rollout.generator import Completion, Generator, SamplingParams
+from searchrl.rollout.generator import Completion, Generator, SamplingParams, reset_cache
 from searchrl.rollout.parser import parse_action
 from searchrl.rollout.prompts import (
     INVALID_ACTION_FEEDBACK,
@@ -393,7 +393,8 @@ def run_rollouts(
 
     ``batch_size`` is the number of trajectories in flight (one generator row each);
     ``retriever`` may be ``None`` for ``direct`` and ``cot``. ``stats``, when given, is filled
-    in place. See the module doc for the rules of the loop.
+    in place. A generator with ``reset_cache()`` (KV reuse) is reset at the start and the end of
+    the run. See the module doc for the rules of the loop.
     """
     cfg = cfg or RolloutConfig()
     if method not in PROMPT_METHODS:
@@ -403,4 +404,8 @@ def run_rollouts(
     if n_samples < 1 or batch_size < 1:
         raise ConfigError(f"n_samples and batch_size must be >= 1 (got {n_samples}, {batch_size})")
     run = _Rollout(generator, retriever, tokenizer, cfg, stats or RolloutStats(), method)
-    return run.run(examples, n_samples, batch_size, progress)
+    reset_cache(generator)  # nothing kept from earlier weights is used, nothing outlives the run
+    try:
+        return run.run(examples, n_samples, batch_size, progress)
+    finally:
+        reset_cache(generator)
