@@ -59,6 +59,8 @@ def _add_common(p: argparse.ArgumentParser, default_method: str) -> None:
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                   help="hf backend: bf16 autocast with fp32 weights (auto = where the hardware has native bf16)")
     p.add_argument("--index", help="index directory built by `searchrl index`")
     p.add_argument("--retriever-url", help="URL of a /retrieve server (`searchrl serve`)")
     p.add_argument("--topk", type=_positive, default=3, help="passages per search (default: 3)")
@@ -129,11 +131,12 @@ def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.backend == "vllm":
         return make_generator("vllm", model_path=args.model, dtype=args.dtype), load_tokenizer(args.model)
-    from searchrl.models import load_model
+    from searchrl.models import amp_dtype, load_model
 
     device = str(resolve_device(args.device))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    return make_generator("hf", model=model, tokenizer=tokenizer), tokenizer
+    amp = amp_dtype(args.amp, device) if args.dtype == "float32" else None
+    return make_generator("hf", model=model, tokenizer=tokenizer, amp=amp), tokenizer
 
 
 def rollout_config(args: argparse.Namespace, temperature: float = 0.0) -> RolloutConfig:
@@ -184,6 +187,7 @@ def eval_config(args: argparse.Namespace, cfg: RolloutConfig) -> dict[str, Any]:
         "model": where(args.model) or "smollm2-135m-instruct",
         "backend": args.backend,
         "dtype": args.dtype,
+        "amp": args.amp,
         "index": where(args.index) if uses_retriever else None,
         "retriever_url": args.retriever_url if uses_retriever else None,
         "rollout": to_dict(cfg),

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from searchrl.errors import SearchRLError
+from searchrl.models import amp_context
 from searchrl.rollout.generator import Completion, SamplingParams
 from searchrl.rollout.kv_cache import (
     KVEntry,
@@ -161,6 +162,7 @@ class HFGenerator:
         eos_token_ids: Sequence[int] | None = None,
         kv_reuse: bool = True,
         kv_keep_calls: int = 2,
+        amp: torch.dtype | None = None,
     ):
         from searchrl.models import eos_token_ids as default_eos_ids
 
@@ -181,6 +183,7 @@ class HFGenerator:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._logits_to_keep = _accepts_logits_to_keep(model)
         self.kv_reuse = kv_reuse
+        self.amp = amp  # autocast dtype for the forward passes (None = the weights' own dtype)
         if kv_reuse and (why := reuse_unsupported(model)) is not None:
             log.warning("KV reuse off for %s: %s", type(model).__name__, why)
             self.kv_reuse = False
@@ -225,7 +228,7 @@ class HFGenerator:
         rows: list[_Row | None] = [None] * len(prompts)
         matches = self._matches(prompts)
         kept: list[KVEntry] = []
-        with torch.inference_mode(), _eval_mode(self.model):
+        with torch.inference_mode(), _eval_mode(self.model), amp_context(self.amp, self.device):
             for start in range(0, len(order), size):
                 chunk = order[start : start + size]
                 done = self._generate_batch(

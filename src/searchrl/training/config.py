@@ -37,10 +37,12 @@ class ModelConfig:
     lora_dropout: float = field(default=0.0, metadata=_h("LoRA dropout"))
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata=_h("module names LoRA adapts"))
     gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward to save memory"))
+    amp: str = field(default="auto", metadata=_h("mixed precision (bf16 autocast, fp32 weights) for generation and training: auto (where the hardware has native bf16) | bf16 | off"))
     critic_name: str | None = field(default=None, metadata=_h("critic base model (PPO); None = same as the policy"))
 
     def __post_init__(self) -> None:
         check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        check(self.amp in ("auto", "bf16", "off"), "model.amp", f"must be auto, bf16 or off, got {self.amp!r}")
         check(self.lora_r >= 0, "model.lora_r", "must be >= 0")
         check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1)")
 
@@ -57,9 +59,11 @@ class DataConfig:
     retriever_url: str | None = field(default=None, metadata=_h("a running /retrieve server instead of an in-process index"))
     train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))
     eval_limit: int = field(default=60, metadata=_h("evaluate on at most this many questions per set (0 = all)"))
+    max_hops: int = field(default=2, metadata=_h("keep questions with at most this many hops (when known, as in the synthetic world; 0 = all)"))
 
     def __post_init__(self) -> None:
         check(self.world_entities >= 0, "data.world_entities", "must be >= 0")
+        check(self.max_hops >= 0, "data.max_hops", "must be >= 0")
         check(self.train_limit >= 0 and self.eval_limit >= 0, "data.eval_limit", "limits must be >= 0")
         check(not (self.index and self.retriever_url), "data.index", "give either index or retriever_url, not both")
         check(not (self.train_files and not (self.corpus or self.index or self.retriever_url)),

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from searchrl.models import load_model, resolve_device
+from searchrl.models import amp_context, amp_dtype, load_model, resolve_device
 from searchrl.training.batch import ValueModel
 from searchrl.training.config import ModelConfig
 
@@ -32,6 +32,11 @@ class ModelBundle:
     critic: ValueModel | None
     uses_lora: bool
     device: torch.device
+    amp: torch.dtype | None = None  # autocast dtype for generation and training (None = off)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes (see :func:`searchrl.models.amp_dtype`)."""
+        return amp_context(self.amp, self.device)
 
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[torch.nn.Module]:
@@ -100,8 +105,10 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
         for p in reference.parameters():
             p.requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("policy: %.1fM trainable parameters%s", n_train / 1e6, " (LoRA)" if uses_lora else "")
-    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device)
+    amp = None if cfg.dtype == "bfloat16" else amp_dtype(cfg.amp, device)
+    log.info("policy: %.1fM trainable parameters%s; compute: %s", n_train / 1e6, " (LoRA)" if uses_lora else "",
+             "bf16 autocast" if amp is not None else cfg.dtype)
+    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -60,6 +60,8 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         corpus_path = d.corpus
     if d.eval_files:
         evals = load_qa_many(d.eval_files, split="test")
+    if d.max_hops:
+        train, evals = _within_hops(train, d.max_hops), _within_hops(evals, d.max_hops)
     if d.train_limit:
         train = train[: d.train_limit]
     if d.eval_limit:
@@ -71,6 +73,11 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         raise SearchRLError("no training questions (check data.train_files and their split)")
     retriever = make_retriever(cfg, corpus_path)
     return train, evals, retriever
+
+
+def _within_hops(examples: list[QAExample], max_hops: int) -> list[QAExample]:
+    """Questions whose known hop count is at most ``max_hops`` (questions without one are kept)."""
+    return [q for q in examples if q.extra.get("num_hops", 0) <= max_hops]
 
 
 def make_retriever(cfg: TrainConfig, corpus_path: str | Path | None) -> Any:
@@ -126,6 +133,8 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
         options = {"filler": cfg.data.world_filler} if cfg.data.world_filler != 1.0 else {}
         world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES, **options)
         pool = [q for q in load_qa(world / "questions.jsonl") if q.split == "train"]
+        if cfg.data.max_hops:
+            pool = _within_hops(pool, cfg.data.max_hops)
         demo_retriever = bm25_over(world / "corpus.jsonl")
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
@@ -133,7 +142,7 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
-                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp)
     _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
     if models.reference is not None:  # the reference is the model RL starts from
         models.reference.load_state_dict(models.policy.state_dict())
@@ -153,7 +162,7 @@ def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever,
     if not data:
         raise SearchRLError(f"mode={cfg.mode}: no training data (rejection sampling kept no trajectory)")
     losses = sft_train(trainer.models.policy, tok, data, cfg.steps, cfg.mini_batch_size, cfg.optim.lr,
-                       micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+                       micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=trainer.models.amp)
     for i, loss in enumerate(losses, 1):
         trainer.logger.log({"step": i, "sft_loss": loss, "examples": len(data)})
     trainer.step_idx = cfg.steps
@@ -194,7 +203,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
     models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic)
     tok = models.tokenizer
-    generator = HFGenerator(models.policy, tok)
+    generator = HFGenerator(models.policy, tok, amp=models.amp)
     trainer = Trainer(cfg, models, retriever, train, generator=generator)
     resumed = resume and trainer.resume()
 

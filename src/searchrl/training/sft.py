@@ -33,23 +33,50 @@ _RELATION_WORDS = {
     "born_in": "where {e} was born", "located_in": "which country {e} is in", "author": "who wrote {e}",
     "founded_by": "who founded {e}", "founded_year": "when {e} was founded", "employer": "where {e} works",
     "capital": "the capital of {e}", "headquartered_in": "where {e} is based", "director": "who directed {e}",
-    "spouse": "who {e} is married to",
+    "spouse": "who {e} is married to", "performer": "who recorded {e}", "release_year": "when {e} came out",
+    "publisher": "who published {e}", "studio": "which studio made {e}", "birth_year": "when {e} was born",
+    "label": "which label released {e}",
 }
 
 
+def _need(relation: str, entity: str) -> str:
+    return _RELATION_WORDS.get(relation, "the " + relation.replace("_", " ") + " of {e}").format(e=entity)
+
+
 def demo_turns(example: QAExample) -> list[str] | None:
-    """The model's turns of a demonstration for ``example`` (None without a hop chain)."""
+    """The model's turns of a demonstration for ``example`` (None without a hop chain).
+
+    The first thought states the whole plan (what each hop looks up, and how many searches that
+    takes), so after each ``<information>`` block the choice between searching again and answering
+    can be read off the model's own earlier words: a small model learns that far more easily than
+    inferring the remaining hops from the question anew at every turn.
+
+    >>> ex = QAExample("q", "Who employs the spouse of Ana Bel?", ["Acme"], extra={"hops": [
+    ...     {"entity": "Ana Bel", "relation": "spouse", "answer": "Cy Dee", "query": "Ana Bel married"},
+    ...     {"entity": "Cy Dee", "relation": "employer", "answer": "Acme", "query": "Cy Dee employer"}]})
+    >>> for turn in demo_turns(ex): print(turn)
+    <think> I need to find who Ana Bel is married to, then where the result works. That takes 2 searches. </think>
+    <search> Ana Bel married </search>
+    <think> The passage says Cy Dee. Search 2 of 2: I need to find where Cy Dee works. </think>
+    <search> Cy Dee employer </search>
+    <think> The passage says Acme. That was the last search, so the answer is Acme. </think>
+    <answer> Acme </answer>
+    """
     hops = example.extra.get("hops") if example.extra else None
     if not hops:
         return None
-    turns = []
-    for i, hop in enumerate(hops):
-        need = _RELATION_WORDS.get(hop["relation"], "the " + hop["relation"].replace("_", " ") + " of {e}")
-        lead = "" if i == 0 else f"The passage says the answer so far is {hops[i - 1]['answer']}. "
-        turns.append(f"<think> {lead}I need to find {need.format(e=hop['entity'])}. </think>\n"
-                     f"<search> {hop['query']} </search>")
+    n = len(hops)
+    plan = ", then ".join(_need(h["relation"], hops[0]["entity"] if i == 0 else "the result")
+                          for i, h in enumerate(hops))
+    takes = "That takes 1 search." if n == 1 else f"That takes {n} searches."
+    turns = [f"<think> I need to find {plan}. {takes} </think>\n<search> {hops[0]['query']} </search>"]
+    for i in range(1, n):
+        need = _need(hops[i]["relation"], hops[i]["entity"])
+        turns.append(f"<think> The passage says {hops[i - 1]['answer']}. Search {i + 1} of {n}: I need to find "
+                     f"{need}. </think>\n<search> {hops[i]['query']} </search>")
     answer = hops[-1]["answer"]
-    turns.append(f"<think> The information says it is {answer}. </think>\n<answer> {answer} </answer>")
+    turns.append(f"<think> The passage says {answer}. That was the last search, so the answer is {answer}. "
+                 f"</think>\n<answer> {answer} </answer>")
     return turns
 
 
@@ -117,8 +144,12 @@ def sft_loss(model: torch.nn.Module, trajs: list[Trajectory], pad_id: int, devic
 
 def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], steps: int,
               batch_size: int, lr: float, micro_batch_size: int = 8, seed: int = 0,
-              grad_clip: float = 1.0, progress: bool = True) -> list[float]:
-    """``steps`` AdamW steps of SFT over ``trajs`` (cycled in seeded order); returns the losses."""
+              grad_clip: float = 1.0, progress: bool = True, amp: torch.dtype | None = None) -> list[float]:
+    """``steps`` AdamW steps of SFT over ``trajs`` (cycled in seeded order); returns the losses.
+
+    ``amp``: autocast dtype for the forward passes (see :func:`searchrl.models.amp_dtype`)."""
+    from searchrl.models import amp_context
+
     if not trajs:
         raise ValueError("no trajectories to train on")
     device = next(model.parameters()).device
@@ -139,7 +170,8 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
         total = float(sum(sum(t.loss_mask) for t in batch)) or 1.0
         loss_sum = 0.0
         for mb in micro_batches(batch, micro_batch_size):
-            loss = sft_loss(model, mb, pad_id, device, total)
+            with amp_context(amp, device):
+                loss = sft_loss(model, mb, pad_id, device, total)
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

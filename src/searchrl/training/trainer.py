@@ -98,7 +98,7 @@ class Trainer:
         self.cfg, self.models, self.retriever = cfg, models, retriever
         self.tokenizer = models.tokenizer
         self.train_examples = train_examples
-        self.generator = generator or HFGenerator(models.policy, models.tokenizer)
+        self.generator = generator or HFGenerator(models.policy, models.tokenizer, amp=models.amp)
         self.sync_weights = sync_weights
         self.run_dir = Path(cfg.out)
         self.sampler = DataSampler(len(train_examples), cfg.seed)
@@ -264,9 +264,10 @@ class Trainer:
         trajs = self.rollout(examples, stats)
         t1 = time.perf_counter()
         rewards = self.score(trajs)
-        prep = self.prepare(trajs, rewards)
-        t2 = time.perf_counter()
-        upd = self.update(trajs, prep)
+        with self.models.autocast():
+            prep = self.prepare(trajs, rewards)
+            t2 = time.perf_counter()
+            upd = self.update(trajs, prep)
         t3 = time.perf_counter()
         self.step_idx += 1
         sampled = int(prep.mask.sum())
