@@ -18,7 +18,7 @@ from searchrl.rollout.loop import RolloutConfig
 
 # The embedded CPU default's rollout budgets: short turns and a short context keep a 2-core run in
 # minutes (the paper's 500 / 500 / 4096 and top-3 are in the configs/ presets). Two search turns cover
-# the synthetic world's 1- and 2-hop questions; its 3-hop ones stay out of reach on purpose. Training
+# the synthetic world's 1- and 2-hop questions (data.max_hops=2 leaves its 3-hop ones out). Training
 # rollouts sample at temperature 0.7: at 1.0 a 135M model's answers are too noisy to earn any reward.
 CPU_ROLLOUT = dict(max_turns=2, topk=2, max_new_tokens_per_turn=64, max_obs_tokens=200, max_context_tokens=1024)
 
@@ -109,7 +109,7 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=2e-5, metadata=_h("actor learning rate (AdamW)"))
+    lr: float = field(default=1e-5, metadata=_h("actor learning rate (AdamW)"))
     critic_lr: float = field(default=1e-5, metadata=_h("critic learning rate"))
     warmup_steps: int = field(default=0, metadata=_h("actor: linear warm-up steps, then constant"))
     critic_warmup_steps: int = field(default=0, metadata=_h("critic: linear warm-up steps, then constant"))
@@ -128,7 +128,7 @@ class OptimConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = field(default=10, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off)"))
+    steps: int = field(default=30, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off)"))
     batch_size: int = field(default=4, metadata=_h("demonstrations per warm-start step"))
     lr: float = field(default=5e-5, metadata=_h("warm-start learning rate"))
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
@@ -143,9 +143,9 @@ class WarmStartConfig:
 class TrainConfig:
     out: str = field(default="runs/default", metadata=_h("run directory (config, metrics, checkpoints, report)"))
     seed: int = field(default=0, metadata=_h("seed for data order, sampling and initialisation"))
-    steps: int = field(default=16, metadata=_h("RL steps"))
-    prompts_per_step: int = field(default=4, metadata=_h("questions per RL step (each sampled group_size times)"))
-    mini_batch_size: int = field(default=16, metadata=_h("trajectories per optimiser step"))
+    steps: int = field(default=12, metadata=_h("RL steps"))
+    prompts_per_step: int = field(default=8, metadata=_h("questions per RL step (each sampled group_size times)"))
+    mini_batch_size: int = field(default=32, metadata=_h("trajectories per optimiser step"))
     micro_batch_size: int = field(default=2, metadata=_h("trajectories per forward/backward (gradient accumulation)"))
     ppo_epochs: int = field(default=1, metadata=_h("passes over each step's rollouts"))
     rollout_batch_size: int = field(default=32, metadata=_h("trajectories generated concurrently"))

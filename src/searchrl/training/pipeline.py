@@ -76,7 +76,12 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
 
 
 def _within_hops(examples: list[QAExample], max_hops: int) -> list[QAExample]:
-    """Questions whose known hop count is at most ``max_hops`` (questions without one are kept)."""
+    """Questions whose known hop count is at most ``max_hops`` (questions without one are kept).
+
+    >>> qs = [QAExample(str(n), "q", ["a"], extra={"num_hops": n}) for n in (1, 2, 3)] + [QAExample("x", "q", ["a"])]
+    >>> [q.id for q in _within_hops(qs, 2)]
+    ['1', '2', 'x']
+    """
     return [q for q in examples if q.extra.get("num_hops", 0) <= max_hops]
 
 
