@@ -58,7 +58,8 @@ def main() -> None:
             continue  # warm-up (allocator, kernels, caches)
         print(json.dumps({"model": args.random_config or cfg.model.name or "smollm2-135m-instruct",
                           "lora_r": cfg.model.lora_r, "estimator": cfg.algo.estimator, "device": str(models.device),
-                          "dtype": cfg.model.dtype, "trajectories": cfg.trajectories_per_step,
+                          "dtype": cfg.model.dtype, "amp": str(models.amp).replace("torch.", "") if models.amp else "off",
+                          "trajectories": cfg.trajectories_per_step,
                           "micro_batch": cfg.micro_batch_size, "threads": torch.get_num_threads(),
                           "load": round(os.getloadavg()[0], 2), "step": m["step"],
                           **{k: round(m[k], 3) if isinstance(m[k], float) else m[k] for k in keys}}), flush=True)

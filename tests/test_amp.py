@@ -81,8 +81,9 @@ def test_update_under_autocast_keeps_fp32_weights_and_tracks_fp32_loss(tiny_lm):
                for q in m.parameters() if q.requires_grad)
 
 
-def test_config_rejects_unknown_amp():
+def test_config_rejects_unknown_amp_and_reads_bare_off():
     from searchrl.errors import ConfigError
 
+    assert apply_overrides(TrainConfig(), ["model.amp=off"]).model.amp == "off"  # YAML: off -> False
     with pytest.raises(ConfigError, match="model.amp"):
         apply_overrides(TrainConfig(), ["model.amp=fp16x"])

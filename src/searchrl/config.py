@@ -103,6 +103,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML reads a bare off/on (and no/yes) as a boolean
+            return "on" if value else "off"
         return str(value)
     return value
 
