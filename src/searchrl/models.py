@@ -22,8 +22,8 @@ Cache location: ``$SEARCHRL_CACHE/models/<name>``, where ``$SEARCHRL_CACHE`` def
 
 from __future__ import annotations
 
-import importlib.util
 import contextlib
+import importlib.util
 import json
 import logging
 import os
