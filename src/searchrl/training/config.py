@@ -19,7 +19,8 @@ from searchrl.rollout.loop import RolloutConfig
 # The embedded CPU default's rollout budgets: short turns and a short context keep a 2-core run in
 # minutes (the paper's 500 / 500 / 4096 and top-3 are in the configs/ presets). Two search turns cover
 # the synthetic world's 1- and 2-hop questions (data.max_hops=2 leaves its 3-hop ones out). Training
-# rollouts sample at temperature 0.7: at 1.0 a 135M model's answers are too noisy to earn any reward.
+# rollouts sample at temperature 1.0: after the warm-start the policy is nearly deterministic, and at
+# 0.7 a group's samples were too often identical to carry any advantage (see the README).
 CPU_ROLLOUT = dict(max_turns=2, topk=2, max_new_tokens_per_turn=64, max_obs_tokens=200, max_context_tokens=1024)
 
 
@@ -143,7 +144,7 @@ class WarmStartConfig:
 class TrainConfig:
     out: str = field(default="runs/default", metadata=_h("run directory (config, metrics, checkpoints, report)"))
     seed: int = field(default=0, metadata=_h("seed for data order, sampling and initialisation"))
-    steps: int = field(default=12, metadata=_h("RL steps"))
+    steps: int = field(default=6, metadata=_h("RL steps"))
     prompts_per_step: int = field(default=8, metadata=_h("questions per RL step (each sampled group_size times)"))
     mini_batch_size: int = field(default=32, metadata=_h("trajectories per optimiser step"))
     micro_batch_size: int = field(default=2, metadata=_h("trajectories per forward/backward (gradient accumulation)"))
@@ -158,7 +159,7 @@ class TrainConfig:
     mode: str = field(default="rl", metadata=_h("rl | sft (paper's SFT baseline: question -> gold answer) | rejection (SFT on the policy's own correct trajectories); sft/rejection use steps as SFT steps of mini_batch_size"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=0.7))
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=1.0))
     eval_rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=0.0))
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
