@@ -98,8 +98,10 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_dtype(mode: str, device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype for mixed precision on ``device`` (None = plain fp32 compute).
+def amp_dtype(mode: str, device: str | torch.device, weights: str = "float32") -> torch.dtype | None:
+    """The autocast dtype for mixed precision on ``device`` (None = compute in the weights' dtype).
+
+    Only fp32 weights (``weights``) are autocast: bf16/fp16 weights already compute in half precision.
 
     ``off``: None. ``bf16``: bfloat16. ``auto``: bfloat16 where the hardware computes it natively
     (a CUDA GPU with bf16 support, a CPU with AVX512-BF16/AMX, where it runs 2-2.5x faster than
@@ -109,6 +111,8 @@ def amp_dtype(mode: str, device: str | torch.device) -> torch.dtype | None:
     True
     >>> amp_dtype("bf16", "cpu")
     torch.bfloat16
+    >>> amp_dtype("bf16", "cpu", weights="bfloat16") is None
+    True
     >>> amp_dtype("fp8", "cpu")
     Traceback (most recent call last):
     ...
@@ -116,7 +120,7 @@ def amp_dtype(mode: str, device: str | torch.device) -> torch.dtype | None:
     """
     if mode not in AMP_MODES:
         raise ConfigError(f"amp: unknown {mode!r}; valid: {', '.join(AMP_MODES)}")
-    if mode == "off":
+    if mode == "off" or weights not in ("float32", "fp32"):
         return None
     if mode == "bf16":
         return torch.bfloat16

@@ -28,6 +28,7 @@ from typing import Any
 
 from searchrl.config import to_dict
 from searchrl.errors import ConfigError, DataFormatError
+from searchrl.models import AMP_MODES
 from searchrl.rollout.loop import RolloutConfig
 from searchrl.rollout.prompts import PROMPT_METHODS
 from searchrl.types import QAExample
@@ -59,7 +60,7 @@ def _add_common(p: argparse.ArgumentParser, default_method: str) -> None:
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+    p.add_argument("--amp", default="auto", choices=AMP_MODES,
                    help="hf backend: bf16 autocast with fp32 weights (auto = where the hardware has native bf16)")
     p.add_argument("--index", help="index directory built by `searchrl index`")
     p.add_argument("--retriever-url", help="URL of a /retrieve server (`searchrl serve`)")
@@ -135,7 +136,7 @@ def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
 
     device = str(resolve_device(args.device))
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    amp = amp_dtype(args.amp, device) if args.dtype == "float32" else None
+    amp = amp_dtype(args.amp, device, weights=args.dtype)
     return make_generator("hf", model=model, tokenizer=tokenizer, amp=amp), tokenizer
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from searchrl.algos.advantages import ADVANTAGE_ESTIMATORS
 from searchrl.algos.losses import AGGREGATIONS, KL_ESTIMATORS
 from searchrl.config import check
+from searchrl.models import AMP_MODES
 from searchrl.rewards import REWARD_KINDS
 from searchrl.rollout.loop import RolloutConfig
 
@@ -43,7 +44,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
-        check(self.amp in ("auto", "bf16", "off"), "model.amp", f"must be auto, bf16 or off, got {self.amp!r}")
+        check(self.amp in AMP_MODES, "model.amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         check(self.lora_r >= 0, "model.lora_r", "must be >= 0")
         check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1)")
 

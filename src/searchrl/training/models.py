@@ -105,7 +105,7 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
         for p in reference.parameters():
             p.requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    amp = None if cfg.dtype == "bfloat16" else amp_dtype(cfg.amp, device)
+    amp = amp_dtype(cfg.amp, device, weights=cfg.dtype)
     log.info("policy: %.1fM trainable parameters%s; compute: %s", n_train / 1e6, " (LoRA)" if uses_lora else "",
              "bf16 autocast" if amp is not None else cfg.dtype)
     return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp)
