@@ -41,25 +41,39 @@ from searchrl.training.config import CPU_ROLLOUT  # noqa: E402
 
 
 class ForwardTimer:
-    """Wraps ``model.forward`` to split generation time: prefill (more than one new token a row)
-    versus decode steps (one), with the decode steps' mean batch size. Syncs CUDA per forward."""
+    """Splits generation time: prefill forwards (more than one new token a row) versus decode
+    steps (one), with the decode steps' mean batch size. :meth:`attach` wraps the ``forward`` of
+    the module a generator runs (the model, or its half-precision copy). Syncs CUDA per forward."""
 
-    def __init__(self, model, cuda: bool):
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.reset()
+
+    def attach(self, module) -> None:
+        import functools
         import inspect
 
-        self.model, self.cuda, self.inner = model, cuda, model.forward
-        self.__signature__ = inspect.signature(model.forward)  # HFGenerator checks logits_to_keep
-        self.reset()
+        if getattr(module.forward, "_timed", False):
+            return
+        inner = module.forward
+
+        @functools.wraps(inner)  # keeps the signature: HFGenerator checks logits_to_keep
+        def timed(*args, **kwargs):
+            return self.call(inner, *args, **kwargs)
+
+        timed._timed = True
+        timed.__signature__ = inspect.signature(inner)
+        module.forward = timed  # instance attribute: Module.__call__ goes through it
 
     def reset(self):
         self.prefill_s = self.decode_s = 0.0
         self.steps = self.step_rows = 0
 
-    def __call__(self, *args, **kwargs):
+    def call(self, inner, *args, **kwargs):
         import torch
 
         t = time.perf_counter()
-        out = self.inner(*args, **kwargs)
+        out = inner(*args, **kwargs)
         if self.cuda:
             torch.cuda.synchronize()
         b, n = kwargs["input_ids"].shape
@@ -117,6 +131,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-context", type=int, default=CPU_ROLLOUT["max_context_tokens"])
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--kv-reuse", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                    help="bf16 compute over fp32 weights, as the trainer's model.amp (auto: where native)")
+    ap.add_argument("--amp-copy", choices=("on", "off"), default="on",
+                    help="amp on a bf16 copy of the weights (on) or under autocast (off)")
+    ap.add_argument("--schedule", choices=("continuous", "rounds", "both"), default="both",
+                    help="the loop's schedule (rollout.schedule); 'both' runs the loop twice")
     ap.add_argument("--skip-original", action="store_true")
     return ap.parse_args()
 
@@ -129,7 +149,7 @@ def main() -> None:
     from searchrl.data.corpus import load_corpus
     from searchrl.data.qa import load_qa
     from searchrl.data.world import ensure_default_world
-    from searchrl.models import load_model, load_tokenizer, random_lm_from_config
+    from searchrl.models import amp_dtype, load_model, load_tokenizer, random_lm_from_config
     from searchrl.retrieval.bm25 import BM25Retriever
     from searchrl.rollout.hf import HFGenerator
     from searchrl.rollout.kv_cache import KVStats
@@ -144,13 +164,15 @@ def main() -> None:
     else:
         model, tok = load_model(args.model, dtype=dtype, device=args.device)
         name = args.model or "smollm2-135m-instruct"
+    amp = amp_dtype(args.amp, args.device, dtype)
     world = ensure_default_world()
     questions = [q for q in load_qa(world / "questions.jsonl") if q.split == "test"][: args.questions]
     retriever = BM25Retriever.build(load_corpus(world / "corpus.jsonl"), show_progress=False)
     cfg = RolloutConfig(max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
                         max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context,
                         temperature=args.temperature, seed=0)
-    base = {"model": name, "device": args.device, "dtype": dtype, "batch": args.batch, "questions": len(questions),
+    base = {"model": name, "device": args.device, "dtype": dtype, "amp": str(amp).replace("torch.", "") if amp else "off",
+            "amp_copy": bool(amp) and args.amp_copy == "on", "batch": args.batch, "questions": len(questions),
             "max_turns": cfg.max_turns, "topk": cfg.topk, "max_new_tokens_per_turn": cfg.max_new_tokens_per_turn,
             "max_obs_tokens": cfg.max_obs_tokens, "temperature": cfg.temperature,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
@@ -159,34 +181,42 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    timer = ForwardTimer(model, args.device.startswith("cuda"))
-    model.forward = timer  # instance attribute: Module.__call__ goes through it
+    timer = ForwardTimer(args.device.startswith("cuda"))
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.kv_reuse]
+    schedules = ["continuous", "rounds"] if args.schedule == "both" else [args.schedule]
     for reuse in settings:
         row = {**base, "kv_reuse": reuse}
-        gen = HFGenerator(model, tok, kv_reuse=reuse)
-        run_rollouts(questions[:2], gen, retriever, tok, cfg, batch_size=2, progress=False)  # warm-up
-        gen.kv_stats = KVStats()  # count the measured run only
-        stats = RolloutStats()
-        timer.reset()
-        sync(); t = time.perf_counter()
-        trajs = run_rollouts(questions, gen, retriever, tok, cfg, batch_size=args.batch, stats=stats, progress=False)
-        sync(); loop_s = time.perf_counter() - t
-        loop_tps = stats.generated_tokens / loop_s
-        emit({**row, "mode": "loop", "generated_tokens": stats.generated_tokens, "seconds": round(loop_s, 2),
-              "tokens_per_s": round(loop_tps, 1), "generation_seconds": round(stats.generation_seconds, 2),
-              "retrieval_seconds": round(stats.retrieval_seconds, 3), "rounds": stats.rounds,
-              "generator_calls": stats.generator_calls, "inserted_tokens": stats.inserted_tokens,
-              "searches_per_question": round(sum(x.num_searches for x in trajs) / len(trajs), 3),
-              **vars(gen.kv_stats), **timer.summary()})
+        gen = HFGenerator(model, tok, kv_reuse=reuse, amp=amp, amp_copy=args.amp_copy == "on")
+        loops = []  # (schedule, tokens/s, generated tokens)
+        for schedule in schedules:
+            cfg.schedule = schedule
+            run_rollouts(questions[:2], gen, retriever, tok, cfg, batch_size=2, progress=False)  # warm-up
+            timer.attach(gen.generation_model())
+            gen.kv_stats = KVStats()  # count the measured run only
+            stats = RolloutStats()
+            timer.reset()
+            sync(); t = time.perf_counter()
+            trajs = run_rollouts(questions, gen, retriever, tok, cfg, batch_size=args.batch, stats=stats,
+                                 progress=False)
+            sync(); loop_s = time.perf_counter() - t
+            loops.append((schedule, stats.generated_tokens / loop_s, stats.generated_tokens))
+            emit({**row, "mode": "loop", "schedule": schedule, "generated_tokens": stats.generated_tokens,
+                  "seconds": round(loop_s, 2), "tokens_per_s": round(loops[-1][1], 1),
+                  "generation_seconds": round(stats.generation_seconds, 2),
+                  "retrieval_seconds": round(stats.retrieval_seconds, 3), "rounds": stats.rounds,
+                  "generator_calls": stats.generator_calls, "inserted_tokens": stats.inserted_tokens,
+                  "searches_per_question": round(sum(x.num_searches for x in trajs) / len(trajs), 3),
+                  "longest_trajectory_tokens": max(sum(x.loss_mask) for x in trajs),
+                  **vars(gen.kv_stats), **timer.summary()})
 
         # raw: the loop's new tokens per trajectory, every row exactly that many (EOS ignored)
-        per_row = max(1, round(stats.generated_tokens / len(questions)))
-        raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse)
+        per_row = max(1, round(loops[0][2] / len(questions)))
+        raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse, amp=amp, amp_copy=args.amp_copy == "on")
         prompts = [build_prompt(tok, q.question) for q in questions]
         sampling = SamplingParams(max_new_tokens=per_row, temperature=cfg.temperature, seed=1)
         raw.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=cfg.temperature, seed=1))  # warm-up
         raw.reset_cache()
+        timer.attach(raw.generation_model())
         timer.reset()
         sync(); t = time.perf_counter()
         produced = 0
@@ -196,9 +226,10 @@ def main() -> None:
         raw_tps = produced / raw_s
         emit({**row, "mode": "raw", "generated_tokens": produced, "tokens_per_row": per_row,
               "seconds": round(raw_s, 2), "tokens_per_s": round(raw_tps, 1),
-              "loop_over_raw": round(loop_tps / raw_tps, 3), **timer.summary()})
+              **{f"loop_over_raw_{name}": round(tps / raw_tps, 3) for name, tps, _ in loops}, **timer.summary()})
 
         if not args.skip_original:
+            cfg.schedule = "rounds"  # the original's schedule (a generate call per round)
             orig = CutAfterwards(gen, tok)
             stats_o = RolloutStats()
             sync(); t = time.perf_counter()
@@ -206,7 +237,8 @@ def main() -> None:
             sync(); o_s = time.perf_counter() - t
             emit({**row, "mode": "original", "kept_tokens": orig.kept,
                   "seconds": round(o_s, 2), "kept_tokens_per_s": round(orig.kept / o_s, 1),
-                  "kept_over_raw": round(orig.kept / o_s / raw_tps, 3), "loop_speedup": round(o_s / loop_s, 2)})
+                  "kept_over_raw": round(orig.kept / o_s / raw_tps, 3),
+                  **{f"loop_speedup_{name}": round(tps / (orig.kept / o_s), 2) for name, tps, _ in loops}})
 
 
 if __name__ == "__main__":

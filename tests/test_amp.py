@@ -1,8 +1,10 @@
-"""Mixed precision (bf16 autocast over fp32 weights) in generation, SFT and the RL update.
+"""Mixed precision (bf16 compute over fp32 weights) in generation, SFT and the RL update.
 
-References: the same computation without autocast (fp32). bf16 rounding must change the numbers a
-little (proof that autocast is active) but not much; KV reuse must give the same tokens under
-autocast as without reuse (first turn; later turns' first tokens close); weights and their gradients stay fp32.
+References: the same computation in fp32, and generation under autocast versus on the bf16 copy
+of the weights. bf16 rounding must change the numbers a little (proof that bf16 is active) but not
+much; KV reuse must give the same tokens in bf16 as without reuse (first turn; later turns' first
+tokens close); the copy must follow every change of the weights; weights and their gradients
+stay fp32.
 """
 
 from __future__ import annotations
@@ -61,6 +63,40 @@ def test_bf16_generation_is_close_to_fp32_and_kv_reuse_agrees(tiny_lm):
     lp32 = torch.tensor([c.logprobs[0] for c in fp32])
     assert not torch.equal(lp16, lp32)  # autocast really ran in bf16
     torch.testing.assert_close(lp16, lp32, atol=0.1, rtol=0)
+
+
+def test_bf16_copy_matches_autocast_and_follows_the_weights(tiny_lm):
+    model, tok = tiny_lm
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    gen = HFGenerator(model, tok, amp=BF16)
+    runner = gen.generation_model()
+    assert runner is not model and runner is gen.generation_model()  # made once
+    assert {p.dtype for p in runner.parameters()} == {BF16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model is untouched
+    assert [b.dtype for b in runner.buffers()] == [b.dtype for b in model.buffers()]
+    autocast = HFGenerator(model, tok, amp=BF16, amp_copy=False)
+    assert autocast.generation_model() is model
+    assert HFGenerator(model, tok).generation_model() is model  # no amp: no copy
+    first = lambda outs: torch.tensor([c.logprobs[0] for c in outs])  # noqa: E731
+    fp32 = first(HFGenerator(model, tok).generate(prompts(tok), greedy))
+    lp_copy = first(gen.generate(prompts(tok), greedy))
+    lp_autocast = first(autocast.generate(prompts(tok), greedy))
+    assert not torch.equal(lp_copy, fp32)  # bf16 really ran
+    torch.testing.assert_close(lp_copy, fp32, atol=0.1, rtol=0)
+    torch.testing.assert_close(lp_copy, lp_autocast, atol=0.1, rtol=0)
+
+    # an optimizer step changes the weights: the next call runs the new ones
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 0.05
+    opt.step()
+    after = gen.generate(prompts(tok), greedy)
+    assert gen.generation_model() is runner  # refreshed in place
+    for mine, theirs in zip(runner.parameters(), model.parameters()):
+        assert torch.equal(mine, theirs.detach().to(BF16))
+    fresh = HFGenerator(model, tok, amp=BF16).generate(prompts(tok), greedy)
+    assert [c.token_ids for c in after] == [c.token_ids for c in fresh]
+    assert not torch.equal(first(after), lp_copy)
 
 
 def test_update_under_autocast_keeps_fp32_weights_and_tracks_fp32_loss(tiny_lm):

@@ -257,6 +257,97 @@ def test_run_rollouts_identical_with_and_without_reuse(tiny_lm, temperature):
             assert {t.finish_reason for t in runs[True]} == {"search_on_last_turn"}
 
 
+def _loop_cfg(**kw):
+    base = dict(max_turns=2, topk=2, max_new_tokens_per_turn=12, max_obs_tokens=60,
+                min_turn_tokens=4, seed=3, max_context_tokens=1024)  # fmt: skip
+    return RolloutConfig(**(base | kw))
+
+
+def _same_trajectories(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.response_ids == y.response_ids and x.loss_mask == y.loss_mask
+        assert x.finish_reason == y.finish_reason and x.turns == y.turns
+        torch.testing.assert_close(torch.tensor(x.old_logprobs), torch.tensor(y.old_logprobs),
+                                   atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_continuous_schedule_equals_rounds_when_greedy(tiny_lm):
+    lm, tok = tiny_lm
+    retriever, exs, bigrams = _world(tok)
+    model = _steered(lm, bigrams)
+    runs = {}
+    for schedule in ("continuous", "rounds"):
+        stats = RolloutStats()
+        runs[schedule] = run_rollouts(exs, HFGenerator(model, tok), retriever, tok,
+                                      _loop_cfg(temperature=0.0, schedule=schedule), n_samples=2,
+                                      batch_size=4, stats=stats, progress=False)  # fmt: skip
+        assert stats.generated_tokens == sum(sum(t.loss_mask) for t in runs[schedule])
+    _same_trajectories(runs["continuous"], runs["rounds"])
+    assert all(t.num_searches == 2 for t in runs["rounds"])
+
+
+def test_continuous_trajectories_do_not_depend_on_the_batch_size(tiny_lm):
+    lm, tok = tiny_lm
+    retriever, exs, bigrams = _world(tok)
+    model = _steered(lm, bigrams, strength=3.0)  # a nudge: trajectories differ, some search
+    cfg = _loop_cfg(temperature=1.0, schedule="continuous")
+    runs = [run_rollouts(exs, HFGenerator(model, tok), retriever, tok, cfg, n_samples=2,
+                         batch_size=b, progress=False) for b in (1, 4, 6)]  # fmt: skip
+    _same_trajectories(runs[0], runs[1])
+    _same_trajectories(runs[0], runs[2])
+    assert len({tuple(t.response_ids) for t in runs[0]}) == 6  # sampled: all different
+    other = run_rollouts(exs, HFGenerator(model, tok), retriever, tok,
+                         _loop_cfg(temperature=1.0, seed=4, schedule="continuous"), n_samples=2,
+                         batch_size=4, progress=False)  # fmt: skip
+    assert [t.response_ids for t in other] != [t.response_ids for t in runs[0]]
+
+
+def test_continuous_schedule_keeps_the_batch_size(tiny_lm):
+    lm, tok = tiny_lm
+    retriever, exs, bigrams = _world(tok)
+    gen = HFGenerator(_steered(lm, bigrams, strength=3.0), tok)  # trajectories of many lengths
+    seen = []  # (running rows, queued rows, keys in flight) before every step
+    real_stream = gen.stream
+
+    def stream(*a, **kw):
+        s = real_stream(*a, **kw)
+        step = s.step
+
+        def traced():
+            seen.append((s.running, len(s._queued), set(s._keys)))
+            return step()
+
+        s.step = traced
+        return s
+
+    gen.stream = stream
+    stats = RolloutStats()
+    trajs = run_rollouts(exs, gen, retriever, tok, _loop_cfg(temperature=1.0, schedule="continuous"),
+                         n_samples=2, batch_size=4, stats=stats, progress=False)  # fmt: skip
+    assert len(trajs) == 6 and stats.generator_calls == len(seen)
+    assert max(len(keys) for *_, keys in seen) == 4  # never more than batch_size in flight
+    assert {k for *_, keys in seen for k in keys} == {(i, s) for i in range(3) for s in range(2)}
+    # (refill beside running trajectories of other lengths: test_loop's scripted stream)
+
+
+def test_auto_schedule_is_rounds_on_cpu(tiny_lm):
+    lm, tok = tiny_lm
+    gen = HFGenerator(lm, tok)
+    assert gen.can_stream and not gen.prefers_stream  # measured faster on CPU (README)
+    gen.stream = lambda *a, **kw: pytest.fail("the auto schedule streamed on CPU")
+    run_rollouts([QAExample("0", "q", ["a"])], gen, None, tok, _loop_cfg(), method="direct",
+                 progress=False)  # fmt: skip
+
+
+def test_schedule_config_errors(tiny_lm):
+    lm, tok = tiny_lm
+    with pytest.raises(Exception, match="rollout.schedule"):
+        RolloutConfig(schedule="async")
+    with pytest.raises(Exception, match="cannot stream"):
+        run_rollouts([QAExample("0", "q", ["a"])], _Recorder(), None, tok,
+                     RolloutConfig(schedule="continuous"), method="direct", progress=False)  # fmt: skip
+
+
 class _Recorder:
     """A generator stub that records reset_cache() calls around generate()."""
 

@@ -85,28 +85,80 @@ class ScriptedGenerator:
 
     def generate(self, prompts, sampling, stop=None):
         self.calls.append(([list(p) for p in prompts], sampling, list(stop or [])))
-        out = []
-        for context in prompts:
-            turn = self._turn(context)
-            ids: list[int] = []
-            finish, hit = "length", None
-            for tid in self._tokens(self._question(context), turn):
-                if len(ids) == sampling.max_new_tokens:
-                    break
-                ids.append(tid)
-                if tid == self.tok.eos_token_id:
-                    finish = "eos"
-                    break
-                hits = [s for s in stop or [] if s in self.tok.decode(ids)]
-                if hits:
-                    finish, hit = "stop", hits[0]
-                    break
-            logprobs = [-0.01 * (turn * 1000 + j + 1) for j in range(len(ids))]
-            c = Completion(ids, logprobs, finish, hit, self.tok.decode(ids))
-            self.log[tuple(context)] = c
-            self.states[tuple(context) + tuple(ids)] = turn
-            out.append(c)
-        return out
+        return [self._complete(context, sampling.max_new_tokens, stop) for context in prompts]
+
+    def _complete(self, context, max_new_tokens, stop) -> Completion:
+        turn = self._turn(context)
+        ids: list[int] = []
+        finish, hit = "length", None
+        for tid in self._tokens(self._question(context), turn):
+            if len(ids) == max_new_tokens:
+                break
+            ids.append(tid)
+            if tid == self.tok.eos_token_id:
+                finish = "eos"
+                break
+            hits = [s for s in stop or [] if s in self.tok.decode(ids)]
+            if hits:
+                finish, hit = "stop", hits[0]
+                break
+        logprobs = [-0.01 * (turn * 1000 + j + 1) for j in range(len(ids))]
+        c = Completion(ids, logprobs, finish, hit, self.tok.decode(ids))
+        self.log[tuple(context)] = c
+        self.states[tuple(context) + tuple(ids)] = turn
+        return c
+
+
+class ScriptedStreamingGenerator(ScriptedGenerator):
+    """The same script as a continuous batch: a row added before step ``k`` with ``n`` scripted
+    tokens finishes at step ``k + n - 1``. ``steps`` logs, per step, the keys in flight and the
+    rows that finished."""
+
+    can_stream = prefers_stream = True  # the "auto" schedule streams
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.steps: list[tuple[set, list]] = []
+        self.adds: list[tuple[Any, int, int, int | None]] = []  # key, prompt length, budget, seed
+
+    def stream(self, sampling, stop=None):
+        gen = self
+        self.calls.append(([], sampling, list(stop or [])))
+
+        class Stream:
+            def __init__(self):
+                self.rows: dict[Any, list] = {}  # key -> [completion, tokens left]
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.rows.clear()
+
+            @property
+            def busy(self):
+                return bool(self.rows)
+
+            def add(self, key, prompt, max_new_tokens, seed=None):
+                assert key not in self.rows
+                gen.adds.append((key, len(prompt), max_new_tokens, seed))
+                c = gen._complete(list(prompt), max_new_tokens, stop)
+                self.rows[key] = [c, max(1, len(c.token_ids))]
+
+            def release(self, key):
+                pass
+
+            def step(self):
+                flight = set(self.rows)
+                done = []
+                for key in list(self.rows):
+                    self.rows[key][1] -= 1
+                    if self.rows[key][1] == 0:
+                        done.append((key, self.rows.pop(key)[0]))
+                gen.steps.append((flight, [k for k, _ in done]))
+                return done
+
+        return Stream()
 
 
 class RecordingRetriever:
@@ -128,9 +180,10 @@ def examples(*questions: str) -> list[QAExample]:
     return [QAExample(str(i), q, [f"ans{i}"]) for i, q in enumerate(questions)]
 
 
-def rollout(script, questions, cfg=None, retriever=None, **kw):
+def rollout(script, questions, cfg=None, retriever=None, streaming=False, **kw):
     exs = examples(*questions)
-    gen = ScriptedGenerator(TOK, script, list(questions))
+    kind = ScriptedStreamingGenerator if streaming else ScriptedGenerator
+    gen = kind(TOK, script, list(questions))
     ret = retriever or RecordingRetriever()
     stats = RolloutStats()
     trajs = run_rollouts(exs, gen, ret, TOK, cfg or RolloutConfig(), stats=stats,
@@ -171,7 +224,8 @@ def search_then_answer(q, turn):
 # ---- token accounting ---------------------------------------------------------------------
 
 
-def test_mask_zero_exactly_on_inserted_tokens():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_mask_zero_exactly_on_inserted_tokens(streaming):
     def script(q, turn):
         return [
             f"<think>look up {q}</think>\n<search> {q} facts </search>",
@@ -180,7 +234,7 @@ def test_mask_zero_exactly_on_inserted_tokens():
         ][turn]
 
     cfg = RolloutConfig(max_new_tokens_per_turn=60, min_turn_tokens=8)
-    trajs, gen, ret, stats = rollout(script, ["alpha", "beta"], cfg, n_samples=2)
+    trajs, gen, ret, stats = rollout(script, ["alpha", "beta"], cfg, n_samples=2, streaming=streaming)
     assert [(t.example.question, t.sample_index) for t in trajs] == [
         ("alpha", 0), ("alpha", 1), ("beta", 0), ("beta", 1)]  # fmt: skip
     for t in trajs:
@@ -208,15 +262,22 @@ def test_mask_zero_exactly_on_inserted_tokens():
         assert compute_reward(t, ["paris"]) == 1.0
     assert stats.generated_tokens == sum(sum(t.loss_mask) for t in trajs)
     assert stats.inserted_tokens == sum(len(t.loss_mask) - sum(t.loss_mask) for t in trajs)
-    assert stats.trajectories == 4 and stats.retriever_calls == 1 and stats.rounds == 3
+    assert stats.trajectories == 4
+    if streaming:  # the shorter question's turns end a step earlier: a retriever call each
+        assert ret.calls == [["beta facts"] * 2, ["alpha facts"] * 2]
+        assert stats.rounds == 6
+    else:
+        assert ret.calls == [["alpha facts", "alpha facts", "beta facts", "beta facts"]]
+        assert stats.rounds == 3
 
 
-def test_stop_string_mid_token_keeps_the_whole_token():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stop_string_mid_token_keeps_the_whole_token(streaming):
     tokens = ["<think>", "x", "</think>", "<search>", " ", "c", "a", "p", " ", "</sea", "rch>ZZ",
               "n", "o"]  # fmt: skip
     script = lambda q, turn: tokens if turn == 0 else "<answer>Paris</answer>"
     cfg = RolloutConfig()
-    trajs, gen, _, _ = rollout(script, ["q"], cfg)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     first = t.turns[0]
@@ -228,17 +289,18 @@ def test_stop_string_mid_token_keeps_the_whole_token():
     assert t.loss_mask[len(sampled)] == 0  # the information block starts right after it
 
 
-def test_sampled_eos_is_kept_and_trained():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_sampled_eos_is_kept_and_trained(streaming):
     script = lambda q, turn: "<think>I give up</think>"  # ends with EOS, no action
     cfg = RolloutConfig()
-    trajs, gen, _, _ = rollout(script, ["q"], cfg)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert t.finish_reason == "eos" and len(t.turns) == 1 and t.turns[0].action == "invalid"
     assert t.response_ids[-1] == TOK.eos_token_id and t.loss_mask[-1] == 1
 
     cfg = RolloutConfig(on_eos="feedback", max_turns=1)
-    trajs, gen, _, _ = rollout(script, ["q"], cfg)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert t.finish_reason == "max_turns" and len(t.turns) == 2
@@ -246,14 +308,15 @@ def test_sampled_eos_is_kept_and_trained():
     assert t.loss_mask[eos_pos] == 1 and t.loss_mask[eos_pos + 1] == 0  # feedback follows
 
 
-def test_invalid_actions_get_feedback_then_the_model_recovers():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_invalid_actions_get_feedback_then_the_model_recovers(streaming):
     script = lambda q, turn: [
         "<think>a</think><search>  </search>",  # empty query
         "<think>b</think><answer>unclosed",  # EOS inside an open block: feedback too
     ][turn]
     cfg = RolloutConfig(on_eos="feedback")
     trajs, gen, _, _ = rollout(lambda q, t: script(q, t) if t < 2 else "<answer>x</answer>",
-                               ["q"], cfg)  # fmt: skip
+                               ["q"], cfg, streaming=streaming)  # fmt: skip
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert [x.action for x in t.turns] == ["invalid", "invalid", "answer"]
@@ -264,10 +327,11 @@ def test_invalid_actions_get_feedback_then_the_model_recovers():
 # ---- turn budget --------------------------------------------------------------------------
 
 
-def test_search_on_last_turn_ends_unanswered_after_a_notice():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_search_on_last_turn_ends_unanswered_after_a_notice(streaming):
     script = lambda q, turn: f"<think>t{turn}</think><search> query {turn} </search>"
     cfg = RolloutConfig(max_turns=2)
-    trajs, gen, ret, _ = rollout(script, ["q"], cfg)
+    trajs, gen, ret, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert t.finish_reason == "search_on_last_turn" and len(t.turns) == 3
@@ -279,27 +343,29 @@ def test_search_on_last_turn_ends_unanswered_after_a_notice():
     assert t.answer is None and compute_reward(t, t.example) == 0.0
 
 
-def test_max_turns_with_only_invalid_actions():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_max_turns_with_only_invalid_actions(streaming):
     script = lambda q, turn: "<think>no idea</think>"
     cfg = RolloutConfig(max_turns=3, on_eos="feedback", last_turn_notice="")
-    trajs, gen, _, _ = rollout(script, ["q"], cfg)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert t.finish_reason == "max_turns" and len(t.turns) == 4
     assert [x.observation for x in t.turns] == [INVALID_ACTION_FEEDBACK] * 3 + [""]
     cfg = RolloutConfig(max_turns=1, on_eos="feedback")
-    t = rollout(script, ["q"], cfg)[0][0]
+    t = rollout(script, ["q"], cfg, streaming=streaming)[0][0]
     assert t.turns[0].observation.rstrip().endswith(LAST_TURN_NOTICE)
 
 
 # ---- token budgets ------------------------------------------------------------------------
 
 
-def test_per_turn_token_budget():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_per_turn_token_budget(streaming):
     long = "<think>" + "blah " * 40 + "</think><answer>x</answer>"
     cfg = RolloutConfig(max_new_tokens_per_turn=25, min_turn_tokens=4, max_turns=2,
                         last_turn_notice="")  # fmt: skip
-    trajs, gen, _, _ = rollout(lambda q, t: long, ["q"], cfg)
+    trajs, gen, _, _ = rollout(lambda q, t: long, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert all(len(gen.log[k].token_ids) <= 25 for k in gen.log)
@@ -308,12 +374,13 @@ def test_per_turn_token_budget():
     assert t.finish_reason == "max_turns"
 
 
-def test_observation_cut_at_passage_boundaries():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_observation_cut_at_passage_boundaries(streaming):
     text = lambda q, j: "word " * 10
     one_doc = len(enc(f"\n\n<information>Doc 1(Title: T0) {text('', 0)}\n</information>\n\n"))
     two_docs = one_doc + len(enc(f"Doc 2(Title: T1) {text('', 1)}\n"))
     cfg = RolloutConfig(max_obs_tokens=two_docs + 5, last_turn_notice="")
-    trajs, gen, _, _ = rollout(search_then_answer, ["q"], cfg, RecordingRetriever(text))
+    trajs, gen, _, _ = rollout(search_then_answer, ["q"], cfg, RecordingRetriever(text), streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     obs = t.turns[0].observation
@@ -322,10 +389,11 @@ def test_observation_cut_at_passage_boundaries():
     assert len(t.turns[0].passages) == 3  # all retrieved passages are recorded
 
 
-def test_observation_cuts_a_too_long_first_passage_at_a_token_boundary():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_observation_cuts_a_too_long_first_passage_at_a_token_boundary(streaming):
     text = lambda q, j: "abcdefghij" * 30
     cfg = RolloutConfig(max_obs_tokens=120, last_turn_notice="")
-    trajs, gen, _, _ = rollout(search_then_answer, ["q"], cfg, RecordingRetriever(text))
+    trajs, gen, _, _ = rollout(search_then_answer, ["q"], cfg, RecordingRetriever(text), streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     obs = t.turns[0].observation
@@ -347,38 +415,47 @@ def test_tiny_max_obs_tokens_is_a_config_error():
         rollout(search_then_answer, ["q"], cfg)
 
 
-def test_context_budget_ends_with_context_and_keeps_the_prompt():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_context_budget_ends_with_context_and_keeps_the_prompt(streaming):
     script = lambda q, turn: f"<think>step {turn}</think><search> q{turn} </search>"
     prompt_len = len(build_prompt(TOK, "q"))
     cfg = RolloutConfig(max_context_tokens=prompt_len + 300, max_turns=10, min_turn_tokens=8,
                         max_new_tokens_per_turn=60)  # fmt: skip
-    trajs, gen, ret, _ = rollout(script, ["q"], cfg)
+    trajs, gen, ret, _ = rollout(script, ["q"], cfg, streaming=streaming)
     t = trajs[0]
     check_invariants(t, gen, cfg)
     assert t.finish_reason == "context" and 1 < len(t.turns) < 10
     # every call asked for no more tokens than the context had room for
     for prompts, sampling, _ in gen.calls:
         assert all(len(p) + sampling.max_new_tokens <= cfg.max_context_tokens for p in prompts)
+    if streaming:
+        assert len(gen.adds) == len(t.turns)
+        assert all(n + budget <= cfg.max_context_tokens for _, n, budget, _ in gen.adds)
 
     # a prompt that does not fit at all ends at once, untouched
     long_q = "why " * 200
     cfg = RolloutConfig(max_context_tokens=300, min_turn_tokens=8, max_new_tokens_per_turn=50)
-    trajs, gen, _, _ = rollout(script, [long_q.strip()], cfg)
+    trajs, gen, _, _ = rollout(script, [long_q.strip()], cfg, streaming=streaming)
     t = trajs[0]
     assert t.finish_reason == "context" and t.turns == [] and t.response_ids == []
-    assert t.prompt_ids == build_prompt(TOK, long_q) and gen.calls == []
+    assert t.prompt_ids == build_prompt(TOK, long_q) and gen.log == {}
 
 
-def test_rows_near_the_context_limit_get_a_smaller_budget():
+@pytest.mark.parametrize("streaming", [False, True])
+def test_rows_near_the_context_limit_get_a_smaller_budget(streaming):
     short, long_q = "a", "b" * 80
     prompt_len = len(build_prompt(TOK, long_q))
     cfg = RolloutConfig(max_context_tokens=prompt_len + 30, max_new_tokens_per_turn=50,
                         min_turn_tokens=8)  # fmt: skip
     script = lambda q, turn: "<answer>x</answer>"
-    trajs, gen, _, stats = rollout(script, [short, long_q], cfg)
+    trajs, gen, _, stats = rollout(script, [short, long_q], cfg, streaming=streaming)
     assert [t.finish_reason for t in trajs] == ["answer", "answer"]
-    assert sorted(s.max_new_tokens for _, s, _ in gen.calls) == [30, 50]
-    assert stats.rounds == 1 and stats.generator_calls == 2
+    if streaming:  # one stream, a budget per row
+        assert sorted(budget for _, _, budget, _ in gen.adds) == [30, 50]
+        assert stats.generator_calls == len(gen.steps)
+    else:  # a generate call per budget
+        assert sorted(s.max_new_tokens for _, s, _ in gen.calls) == [30, 50]
+        assert stats.rounds == 1 and stats.generator_calls == 2
 
 
 # ---- scheduling ---------------------------------------------------------------------------
@@ -418,6 +495,50 @@ def test_refill_starts_pending_work_before_the_slow_trajectory_finishes():
     assert slow.example.question == "slow" and len(slow.turns) == 4
     assert [t.example.question for t in trajs] == qs  # output order is example order
     assert stats.rounds == 4
+
+
+def test_continuous_schedule_batches_the_queries_of_a_step_and_refills_at_once():
+    plan = {"a": 3, "b": 1, "c": 2, "d": 0, "e": 0, "f": 1}  # searches before answering
+
+    def script(q, turn):
+        if turn < plan[q]:
+            return f"<think>{q}</think><search> {q}{turn} </search>"  # the same length for all
+        return "<answer>z</answer>"
+
+    trajs, gen, ret, stats = rollout(script, list(plan), RolloutConfig(), streaming=True, batch_size=4)
+    assert [t.num_searches for t in trajs] == [3, 1, 2, 0, 0, 1]
+    assert max(len(flight) for flight, _ in gen.steps) == 4  # never more than batch_size in flight
+    # the turns that end at one step share one retriever call, in key order
+    ended = [[k for k in done if trajs[k[0]].turns] for _, done in gen.steps]
+    assert ret.calls[0] == ["a0", "b0", "c0"] and len(ret.calls) == stats.retriever_calls
+    # "d" answers at once: its slot goes to "e" right away, while a, b, c are mid-trajectory
+    keys = [(i, 0) for i in range(6)]
+    first_e = next(i for i, (flight, _) in enumerate(gen.steps) if keys[4] in flight)
+    assert {keys[0], keys[1], keys[2]} <= gen.steps[first_e][0]
+    assert keys[3] in gen.steps[first_e - 1][1]  # "d" finished the step before
+    assert stats.generator_calls == len(gen.steps) and any(ended)
+    # seeds: one per (example, sample, turn), all different, reproducible from cfg.seed
+    _, gen2, _, _ = rollout(script, list(plan), RolloutConfig(seed=5), streaming=True, batch_size=4)
+    _, gen3, _, _ = rollout(script, list(plan), RolloutConfig(seed=5), streaming=True, batch_size=2)
+    seeds = {(k, n): seed for (k, _, _, seed), n in zip(gen2.adds, range(len(gen2.adds)))}
+    assert len(set(seeds.values())) == len(seeds) == sum(plan.values()) + len(plan)
+    assert sorted(x[3] for x in gen2.adds) == sorted(x[3] for x in gen3.adds)
+    assert all(seed is None for *_, seed in gen.adds)  # no cfg.seed: the generator draws
+
+
+def test_auto_schedule_streams_only_where_the_generator_prefers_it():
+    def steps(gen_cls, schedule, prefers=True):
+        gen = gen_cls(TOK, search_then_answer, ["q"])
+        gen.prefers_stream = prefers
+        run_rollouts(examples("q"), gen, RecordingRetriever(), TOK, RolloutConfig(schedule=schedule),
+                     progress=False)  # fmt: skip
+        return getattr(gen, "steps", None), [len(p) for p, _, _ in gen.calls]
+
+    assert steps(ScriptedStreamingGenerator, "auto")[0]  # streamed
+    assert steps(ScriptedStreamingGenerator, "auto", prefers=False) == ([], [1, 1])  # two rounds
+    assert steps(ScriptedStreamingGenerator, "rounds") == ([], [1, 1])
+    assert steps(ScriptedStreamingGenerator, "continuous", prefers=False)[0]
+    assert steps(ScriptedGenerator, "auto") == (None, [1, 1])
 
 
 def test_seed_advances_per_call_and_sampling_is_passed_on():
@@ -556,7 +677,8 @@ def _check_hf_trajectory(torch, t, tok, model):
     assert (got[~mask] == 0).all()
 
 
-def test_end_to_end_with_tiny_random_model():
+@pytest.mark.parametrize("schedule", ["continuous", "rounds"])
+def test_end_to_end_with_tiny_random_model(schedule):
     torch = pytest.importorskip("torch")
     hf = pytest.importorskip("searchrl.rollout.hf")
     models = pytest.importorskip("searchrl.models")
@@ -568,7 +690,7 @@ def test_end_to_end_with_tiny_random_model():
     )
     lm = models.tiny_random_lm(tok, seed=0)
     cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=12, min_turn_tokens=4, seed=0,
-                        on_eos="feedback", max_context_tokens=1200)  # fmt: skip
+                        on_eos="feedback", max_context_tokens=1200, schedule=schedule)  # fmt: skip
     exs = examples("alpha", "beta", "gamma")
 
     # a purely random model: no valid actions, feedback after every turn

@@ -6,9 +6,9 @@ and, at the end, ``metrics.json`` (see :mod:`searchrl.eval.runner`); it prints a
 Re-running the same command **resumes**: ids already in ``trajectories.jsonl`` are not run again
 (a half-written last line from a killed run is dropped) and the metrics are recomputed over every
 selected example. A folder made by a run whose settings change the trajectories (data, split,
-method, model, retriever, rollout budgets, seed...) is refused; ``--limit``, ``--batch-size`` and
-``--device`` may differ (the metrics cover the examples the current ``--limit`` selects), so a run
-can be extended with a larger ``--limit``. Decoding is greedy.
+method, model, retriever, rollout budgets, seed...) is refused; ``--limit``, ``--batch-size``,
+``--schedule`` and ``--device`` may differ (the metrics cover the examples the current ``--limit``
+selects), so a run can be extended with a larger ``--limit``. Decoding is greedy.
 
 ``ask`` runs one question and prints the trace (:func:`~searchrl.eval.tables.format_trace`).
 
@@ -29,7 +29,7 @@ from typing import Any
 from searchrl.config import to_dict
 from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
-from searchrl.rollout.loop import RolloutConfig
+from searchrl.rollout.loop import SCHEDULES, RolloutConfig
 from searchrl.rollout.prompts import PROMPT_METHODS
 from searchrl.types import QAExample
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE, TRAJ_FILE, METRICS_FILE = "eval_config.json", "trajectories.jsonl", "metrics.json"
 # eval_config.json fields that do not change trajectories: a resumed run may change them
-_FREE_FIELDS = ("limit", "batch_size", "device")
+_FREE_FIELDS = ("limit", "batch_size", "device", "schedule")
 RETRIEVAL_METHODS = ("search", "rag")
 
 
@@ -61,7 +61,8 @@ def _add_common(p: argparse.ArgumentParser, default_method: str) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--amp", default="auto", choices=AMP_MODES,
-                   help="hf backend: bf16 autocast with fp32 weights (auto = where the hardware has native bf16)")
+                   help="hf backend: bf16 compute over fp32 weights, on a bf16 copy of them "
+                   "(auto = where the hardware has native bf16)")
     p.add_argument("--index", help="index directory built by `searchrl index`")
     p.add_argument("--retriever-url", help="URL of a /retrieve server (`searchrl serve`)")
     p.add_argument("--topk", type=_positive, default=3, help="passages per search (default: 3)")
@@ -82,6 +83,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--limit", type=_positive, help="first N questions of each dataset")
     e.add_argument("--out", required=True, help="output folder (created; resumed if it exists)")
     e.add_argument("--batch-size", type=_positive, default=32, help="trajectories in flight")
+    e.add_argument("--schedule", choices=SCHEDULES, default="auto",
+                   help="continuous batching or rounds (auto: continuous on GPU, rounds on CPU)")
     e.add_argument("--seed", type=int, default=0, help="seed (recorded; decoding is greedy)")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_common(e, "search")
@@ -144,7 +147,7 @@ def rollout_config(args: argparse.Namespace, temperature: float = 0.0) -> Rollou
     return RolloutConfig(
         max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
         min_turn_tokens=min(RolloutConfig.min_turn_tokens, args.max_new_tokens),
-        temperature=temperature, seed=args.seed,
+        temperature=temperature, seed=args.seed, schedule=getattr(args, "schedule", "auto"),
     )  # fmt: skip
 
 
@@ -175,7 +178,7 @@ def load_examples(data: str, split: str, limit: int | None) -> list[QAExample]:
 # ------------------------------------------------------------------------------ output folder
 def eval_config(args: argparse.Namespace, cfg: RolloutConfig) -> dict[str, Any]:
     """What ``eval_config.json`` records: everything that decides the trajectories, plus
-    the free fields (``limit``, ``batch_size``, ``device``)."""
+    the free fields (``limit``, ``batch_size``, ``device``, ``schedule``)."""
 
     def where(p: str | None) -> str | None:
         return str(Path(p).resolve()) if p and Path(p).exists() else p
@@ -191,8 +194,9 @@ def eval_config(args: argparse.Namespace, cfg: RolloutConfig) -> dict[str, Any]:
         "amp": args.amp,
         "index": where(args.index) if uses_retriever else None,
         "retriever_url": args.retriever_url if uses_retriever else None,
-        "rollout": to_dict(cfg),
+        "rollout": {k: v for k, v in to_dict(cfg).items() if k != "schedule"},
         "limit": args.limit,
+        "schedule": cfg.schedule,
         "batch_size": args.batch_size,
         "device": args.device,
     }

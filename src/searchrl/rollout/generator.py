@@ -16,6 +16,11 @@ caches): it then also implements :class:`ResettableGenerator` (``reset_cache()``
 that change the weights or start an independent batch of work call :func:`reset_cache`, which is
 a no-op for backends without such state. It is optional: the :class:`Generator` protocol does not
 require it.
+
+A backend that can run a *continuous batch* also implements :class:`StreamingGenerator`
+(``stream()`` returns a :class:`GenerationStream`: rows are added under a key, each ``step()``
+advances every running row by one token and returns the rows that finished), so the multi-turn
+loop can put a trajectory's next turn back into the batch as soon as its observation is ready.
 """
 
 from __future__ import annotations
@@ -70,6 +75,42 @@ class Generator(Protocol):
 class ResettableGenerator(Generator, Protocol):
     def reset_cache(self) -> None:
         """Forget all state kept from earlier calls (e.g. KV caches of the previous weights)."""
+        ...
+
+
+@runtime_checkable
+class GenerationStream(Protocol):
+    """A continuous batch: rows join and leave between decode steps (see
+    :class:`~searchrl.rollout.hf.HFStream`). Opened as a context manager."""
+
+    def add(self, key: Any, prompt: list[int], max_new_tokens: int, seed: int | None = None) -> None:
+        """Queue one row under ``key``; it joins the batch at the next step."""
+        ...
+
+    def step(self) -> list[tuple[Any, Completion]]:
+        """Advance every row one token; return the rows that finished, as ``(key, Completion)``."""
+        ...
+
+    def release(self, key: Any) -> None:
+        """Forget what is kept for ``key`` (its work is over)."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether a row is queued or running."""
+        ...
+
+
+@runtime_checkable
+class StreamingGenerator(Generator, Protocol):
+    """A generator that can also run a continuous batch (``can_stream`` says whether it can for
+    the model it holds, ``prefers_stream`` whether it is the faster schedule there)."""
+
+    can_stream: bool
+    prefers_stream: bool
+
+    def stream(self, sampling: SamplingParams, stop: list[str] | None = None) -> GenerationStream:
+        """A stream sampling with ``sampling``'s temperature and top-p."""
         ...
 
 

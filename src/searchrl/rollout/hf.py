@@ -50,9 +50,10 @@ sharing of a prefix between rows (a shared past is copied into each row of the b
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,7 @@ from searchrl.rollout.kv_cache import (
     reuse_unsupported,
     row_kv,
     shared_groups,
+    trim_left,
     weights_fingerprint,
 )
 
@@ -123,23 +125,74 @@ def sample_next(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from ``logits`` (b, V); return ``(token_ids (b,), logprobs (b,))``.
 
+    Greedy takes the argmax; otherwise an exponential race: the argmax of ``p_i / E_i`` with
+    ``E_i = -log U_i`` exponential noise (``U`` drawn from ``generator`` in row order), an exact
+    draw from ``p`` (as the Gumbel-max trick) at a third of the cost of ``torch.multinomial``
+    over a 49k vocabulary, and one that float noise in ``p`` only changes at a near-exact tie.
     Log-probs are ``log_softmax(logits / T)`` at the chosen token (``T = 1`` when greedy), taken
     before top-p truncation (see the module docstring).
     """
-    logits = logits.float()  # (b, V)
     if sampling.greedy:
+        return _pick(logits, sampling, None)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)  # (b, V)
+    return _pick(logits, sampling, u)
+
+
+def sample_rows(
+    logits: torch.Tensor, sampling: SamplingParams, seeds: Sequence[int], counters: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`sample_next`, but row ``i``'s noise is drawn from a generator seeded with
+    :func:`counter_seed` of its own ``seeds[i]`` and ``counters[i]`` (the index of the token being
+    drawn), so a row's tokens do not depend on which other rows share its batch or when it joined."""
+    if sampling.greedy:
+        return _pick(logits, sampling, None)
+    u = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # (b, V)
+    g = torch.Generator(device=logits.device)
+    for i, (seed, counter) in enumerate(zip(seeds, counters)):
+        u[i].uniform_(generator=g.manual_seed(counter_seed(seed, counter)))
+    return _pick(logits, sampling, u)
+
+
+_M64 = (1 << 64) - 1
+
+
+def counter_seed(seed: int, counter: int) -> int:
+    """A 63-bit seed from ``(seed, counter)``: the splitmix64 finaliser of
+    ``seed + (counter + 1) * golden`` (neighbouring counters give unrelated seeds).
+
+    >>> counter_seed(7, 0) == counter_seed(7, 0) != counter_seed(7, 1)
+    True
+    """
+    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _pick(
+    logits: torch.Tensor, sampling: SamplingParams, u: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token of each row given uniform noise ``u`` (b, V) (the argmax when ``None``) and its
+    log-prob."""
+    logits = logits.float()  # (b, V)
+    if u is None:
         tokens = logits.argmax(dim=-1)  # (b,)
         logp = torch.log_softmax(logits, dim=-1)  # (b, V)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / sampling.temperature, dim=-1)  # (b, V)
-    probs = logp.exp()  # (b, V)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # (b, V), (b, V)
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= sampling.top_p, 0.0)  # the first token stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (b,)
+    probs = _nucleus(logp.exp(), sampling.top_p)  # (b, V)
+    tokens = (probs / u.log_().neg_()).argmax(dim=-1)  # (b,): p_i / E_i, E_i = -log U_i
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (b, V) with the tokens outside the top-p nucleus set to 0 (the first one stays)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (b, V), (b, V)
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
 class HFGenerator:
@@ -150,7 +203,12 @@ class HFGenerator:
     row (default: :func:`searchrl.models.eos_token_ids`). The model is put in eval mode during
     ``generate`` and its previous mode restored afterwards, so a policy being trained can be shared.
     ``kv_reuse``: keep and reuse KV across calls and share prefixes within one (module docstring);
-    ``kv_keep_calls``: a kept row not continued for this many calls is dropped.
+    ``kv_keep_calls``: a kept row not continued for this many calls is dropped. ``amp``: compute
+    in this dtype (bfloat16) over fp32 weights: with ``amp_copy`` (default) on a copy of the
+    weights in that dtype, refreshed whenever the weights change (autocast would cast every
+    weight again at every decode step: 1.8x slower decoding on CPU); else under autocast (no
+    extra memory). Log-probs then come from half-precision compute, as with vLLM rollouts; the
+    trainer recomputes the old log-probs with the policy itself.
     """
 
     def __init__(
@@ -163,6 +221,7 @@ class HFGenerator:
         kv_reuse: bool = True,
         kv_keep_calls: int = 2,
         amp: torch.dtype | None = None,
+        amp_copy: bool = True,
     ):
         from searchrl.models import eos_token_ids as default_eos_ids
 
@@ -183,13 +242,71 @@ class HFGenerator:
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._logits_to_keep = _accepts_logits_to_keep(model)
         self.kv_reuse = kv_reuse
-        self.amp = amp  # autocast dtype for the forward passes (None = the weights' own dtype)
+        self.amp = amp  # half-precision compute dtype (None = the weights' own dtype)
+        self.amp_copy = amp_copy
+        self._copy: torch.nn.Module | None = None  # the weights in ``amp`` (see generation_model)
+        self._copy_of: tuple | None = None  # the fingerprint of the weights it copies
+        self._runner: torch.nn.Module = model  # what _forward runs during a call
         if kv_reuse and (why := reuse_unsupported(model)) is not None:
             log.warning("KV reuse off for %s: %s", type(model).__name__, why)
             self.kv_reuse = False
         self._store = KVStore(kv_keep_calls)
         self._fingerprint: tuple | None = None
         self.kv_stats = KVStats()  # counts prompt tokens over the generator's life
+
+    def generation_model(self) -> torch.nn.Module:
+        """The module the forward passes run: the model, or its copy in ``amp`` (made on first
+        use, its weights copied again whenever the model's changed since)."""
+        floats = [p for p in self.model.parameters() if p.is_floating_point()]
+        if self.amp is None or not self.amp_copy or not floats or floats[0].dtype != torch.float32:
+            return self.model
+        fingerprint = weights_fingerprint(self.model)
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.model).eval()
+            for p in self._copy.parameters():  # buffers (rotary frequencies) keep their dtype
+                if p.is_floating_point():
+                    p.data = p.data.to(self.amp)
+                p.requires_grad_(False)
+        elif fingerprint != self._copy_of:
+            with torch.no_grad():
+                for mine, theirs in zip(self._copy.parameters(), self.model.parameters()):
+                    mine.copy_(theirs)
+        self._copy_of = fingerprint
+        return self._copy
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Inference mode, eval mode, and the half-precision runner (copy or autocast)."""
+        runner = self.generation_model()
+        autocast = amp_context(self.amp if runner is self.model else None, self.device)
+        with torch.inference_mode(), _eval_mode(self.model), autocast:
+            self._runner = runner
+            try:
+                yield
+            finally:
+                self._runner = self.model
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether :meth:`stream` works for this model (its cache layers can be spliced)."""
+        return reuse_unsupported(self.model) is None
+
+    @property
+    def prefers_stream(self) -> bool:
+        """Whether the multi-turn loop's ``auto`` schedule should stream: on GPUs, where a decode
+        step costs about the same for any batch size, so steps spent waiting for a round's
+        slowest row are lost. On CPU a step's cost grows with its rows and rounds measured
+        slightly faster (README, rollout throughput)."""
+        return self.device.type != "cpu" and self.can_stream
+
+    def stream(self, sampling: SamplingParams, stop: list[str] | None = None) -> HFStream:
+        """A continuous batch (:class:`HFStream`) sampling with ``sampling``'s temperature and
+        top-p (its ``max_new_tokens`` and ``seed`` are per request). Use it as a context manager."""
+        if not self.can_stream:
+            raise SearchRLError(f"streaming needs plain DynamicCache layers: {reuse_unsupported(self.model)}")
+        if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
+            raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
+        return HFStream(self, sampling, stop)
 
     def reset_cache(self) -> None:
         """Drop every kept KV row (call it whenever the weights may have changed)."""
@@ -228,7 +345,7 @@ class HFGenerator:
         rows: list[_Row | None] = [None] * len(prompts)
         matches = self._matches(prompts)
         kept: list[KVEntry] = []
-        with torch.inference_mode(), _eval_mode(self.model), amp_context(self.amp, self.device):
+        with self._running():
             for start in range(0, len(order), size):
                 chunk = order[start : start + size]
                 done = self._generate_batch(
@@ -278,8 +395,12 @@ class HFGenerator:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """Run the model on new tokens; return the last position's logits (b, V)."""
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(
+        # an index tensor, not ``1``: the model gathers the last hidden state into a contiguous
+        # (b, 1, d) tensor instead of slicing a strided view, which half-precision CPU matmuls
+        # would run as a batched product with the LM head's weight copied per row (~2 s a prefill)
+        last = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+        extra = {"logits_to_keep": last} if self._logits_to_keep else {}
+        out = self._runner(
             input_ids=input_ids,  # (b, t)
             attention_mask=attention_mask,  # (b, past + t)
             position_ids=position_ids,  # (b, t)
@@ -404,7 +525,7 @@ class HFGenerator:
             keep = [
                 j
                 for j, (t, lp) in enumerate(zip(tokens.tolist(), logps.tolist()))
-                if not self._append(rows[active[j]], t, lp, sampling, stops, window)
+                if not self._append(rows[active[j]], t, lp, sampling.max_new_tokens, stops, window)
             ]
             if self.kv_reuse and len(keep) < len(active):
                 for j in sorted(set(range(len(active))) - set(keep)):
@@ -423,7 +544,7 @@ class HFGenerator:
             next_pos = next_pos + 1
 
     def _append(
-        self, row: _Row, token: int, logprob: float, sampling: SamplingParams, stops: list[str],
+        self, row: _Row, token: int, logprob: float, max_new_tokens: int, stops: list[str],
         window: int,
     ) -> bool:
         """Record one sampled token; return whether the row is finished."""
@@ -433,7 +554,7 @@ class HFGenerator:
             row.finish_reason = "eos"
         elif stops and (hit := self._stop_hit(row.token_ids, stops, window)) is not None:
             row.finish_reason, row.stop_string = "stop", hit
-        elif len(row.token_ids) >= sampling.max_new_tokens:
+        elif len(row.token_ids) >= max_new_tokens:
             row.finish_reason = "length"
         return bool(row.finish_reason)
 
@@ -444,3 +565,195 @@ class HFGenerator:
         )
         found = [(pos, s) for s in stops if (pos := tail.find(s)) >= 0]
         return min(found)[1] if found else None
+
+
+@dataclass
+class _Request:
+    """A row of an :class:`HFStream`: what it continues, its budget, its own random stream."""
+
+    key: Hashable
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    row: _Row = field(default_factory=_Row)
+
+
+class HFStream:
+    """Continuous batching over an :class:`HFGenerator`: rows join and leave the running batch
+    between decode steps, so nobody waits for the slowest row of a batch.
+
+    ``add(key, prompt, max_new_tokens, seed)`` queues a row; ``step()`` prefills the queued rows
+    (in one batch, shared prefixes run once, as :meth:`HFGenerator.generate` does), merges them
+    into the running batch, samples one token for every running row, takes out the rows that
+    finished (EOS, a stop string, their budget) and runs one decode forward for the others; it
+    returns ``[(key, Completion), ...]`` for the rows that finished. A row's finish rules, tokens
+    and log-probs are those of :meth:`HFGenerator.generate`.
+
+    *Joining*: queued rows join together, when a quarter of the running batch is waiting
+    (``join_fraction``), when the first of them has waited ``join_wait`` steps, or when nothing
+    runs: every join prefills one batch and copies the running cache once, so joining rows one by
+    one would cost more than the few steps they wait.
+
+    *KV reuse*: with ``kv_reuse``, a finished row's KV is parked under its key; a joining row
+    starts from the parked row sharing its longest prefix (at least ``_MIN_SHARED`` tokens): its
+    own previous turn when it continues one (the multi-turn loop's next turn: context plus an
+    observation, so only the observation is prefilled), else another row's (the instruction
+    template of a new question). :meth:`release` drops a parked row (a finished trajectory) after
+    the next join, which may still borrow its prefix; closing the stream drops them all.
+
+    *Randomness*: a row's token is drawn with noise seeded from the row's ``seed`` and the token's
+    index (:func:`sample_rows`), so a row's tokens do not depend on which rows share its steps (up
+    to float rounding of batched kernels): the same seeds give the same tokens at any batch size.
+    ``seed=None`` draws a seed from torch's global generator.
+
+    The model is in eval mode, under ``torch.inference_mode`` and the generator's half precision
+    (see :class:`HFGenerator`'s ``amp``) while the stream is open (``with generator.stream(...) as s:``); the weights must not change then.
+    Leading cache columns that no running row needs any more are trimmed when rows leave.
+    """
+
+    def __init__(
+        self, gen: HFGenerator, sampling: SamplingParams, stop: list[str] | None,
+        join_fraction: float = 0.25, join_wait: int = 4,
+    ):  # fmt: skip
+        self.gen, self.sampling = gen, sampling
+        self.join_fraction, self.join_wait = join_fraction, join_wait
+        self._waited = 0  # steps the first queued row has waited
+        self.stops = [s for s in (stop or []) if s]
+        self.window = max((len(s) for s in self.stops), default=0) + _STOP_WINDOW_EXTRA
+        self.steps = 0  # decode forwards run
+        self._queued: list[_Request] = []
+        self._running: list[_Request] = []
+        self._ended: list[_Request] = []  # finished without a step (a zero budget)
+        self._keys: set[Hashable] = set()
+        self._parked: dict[Hashable, KVEntry] = {}
+        self._released: set[Hashable] = set()  # parked rows dropped after the next join
+        self._cache: Any = None
+        self._attention = self._next_pos = self._logits = None  # (b, W), (b, 1), (b, V)
+        self._contexts: contextlib.ExitStack | None = None
+        self._fingerprint: tuple | None = None
+
+    def __enter__(self) -> HFStream:
+        self._contexts = contextlib.ExitStack()
+        self._contexts.enter_context(self.gen._running())
+        self._fingerprint = weights_fingerprint(self.gen.model)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        contexts, self._contexts = self._contexts, None
+        self._queued, self._running, self._ended, self._keys = [], [], [], set()
+        self._parked.clear()
+        self._released.clear()
+        self._cache = self._attention = self._next_pos = self._logits = None
+        if contexts is not None:
+            contexts.close()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a row is queued or running (``step`` has work)."""
+        return bool(self._queued or self._running or self._ended)
+
+    @property
+    def running(self) -> int:
+        """Rows in the decode batch."""
+        return len(self._running)
+
+    def add(self, key: Hashable, prompt: list[int], max_new_tokens: int, seed: int | None = None) -> None:
+        """Queue one row; it joins the batch at the next :meth:`step`."""
+        if key in self._keys:
+            raise SearchRLError(f"stream: key {key!r} is already queued or running")
+        self.gen._check([prompt], SamplingParams(max_new_tokens, self.sampling.temperature, self.sampling.top_p))
+        if seed is None:  # from torch's global generator: torch.manual_seed makes it repeatable
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+        req = _Request(key, list(prompt), int(max_new_tokens), int(seed) & _M64)
+        self._keys.add(key)
+        if req.max_new_tokens == 0:
+            req.row.finish_reason = "length"
+            self._ended.append(req)
+        else:
+            self._queued.append(req)
+
+    def release(self, key: Hashable) -> None:
+        """Forget the parked KV of ``key`` (its trajectory is over) after the next join."""
+        if key in self._parked:
+            self._released.add(key)
+
+    def step(self) -> list[tuple[Hashable, Completion]]:
+        """Join the queued rows, sample one token per running row, decode once; the finished."""
+        if self._contexts is None:
+            raise SearchRLError("stream: use it as a context manager (with generator.stream(...) as s)")
+        gen = self.gen
+        out = [self._finish(r) for r in self._ended]
+        self._ended = []
+        if self._queued:
+            due = len(self._queued) >= self.join_fraction * len(self._running)
+            if not self._running or due or self._waited >= self.join_wait:
+                self._join()
+                self._waited = 0
+            else:
+                self._waited += 1
+        if not self._running:
+            return out
+        running = self._running
+        tokens, logps = sample_rows(self._logits, self.sampling, [r.seed for r in running],
+                                    [len(r.row.token_ids) for r in running])  # (b,), (b,)
+        keep = []
+        for j, (t, lp) in enumerate(zip(tokens.tolist(), logps.tolist())):
+            r = self._running[j]
+            if not gen._append(r.row, t, lp, r.max_new_tokens, self.stops, self.window):
+                keep.append(j)
+                continue
+            if gen.kv_reuse and (entry := gen._keep(self._cache, self._attention, j, r.prompt, r.row)):
+                self._parked[r.key] = entry
+                self._released.discard(r.key)
+            out.append(self._finish(r))
+        if not keep:
+            self._running, self._cache = [], None
+            self._attention = self._next_pos = self._logits = None
+            return out
+        if len(keep) < len(self._running):  # finished rows leave the batch and the cache
+            idx = torch.tensor(keep, device=gen.device)
+            self._cache.batch_select_indices(idx)
+            self._attention = trim_left(self._cache, self._attention[idx])
+            self._next_pos, tokens = self._next_pos[idx], tokens[idx]
+            self._running = [self._running[j] for j in keep]
+        self._attention = torch.cat([self._attention, self._attention.new_ones((len(keep), 1))], dim=-1)
+        self._logits = gen._forward(tokens[:, None], self._attention, self._next_pos, self._cache)  # (b, V)
+        self._next_pos = self._next_pos + 1
+        self.steps += 1
+        return out
+
+    def _finish(self, r: _Request) -> tuple[Hashable, Completion]:
+        self._keys.discard(r.key)
+        return r.key, self.gen._completion(r.row)
+
+    def _join(self) -> None:
+        """Prefill the queued rows (from their parked KV when they continue it) into the batch."""
+        gen = self.gen
+        if weights_fingerprint(gen.model) != self._fingerprint:
+            raise SearchRLError("stream: the model's weights changed while the stream was open")
+        reqs, self._queued = self._queued, []
+        prompts = [r.prompt for r in reqs]
+        matches: list[Match | None] = [None] * len(reqs)
+        if gen.kv_reuse and self._parked:
+            donors = KVStore()
+            donors.entries = list(self._parked.values())
+            matches = donors.match(prompts, min_length=_MIN_SHARED)
+            for i, r in enumerate(reqs):  # its own previous turn, however short
+                own = self._parked.get(r.key)
+                n = len(own.tokens) if own is not None else 0
+                if own is not None and n < len(r.prompt) and r.prompt[:n] == own.tokens:
+                    matches[i] = Match(own, n)
+        for key in [r.key for r in reqs] + list(self._released):  # superseded or over
+            self._parked.pop(key, None)
+        self._released.clear()
+        pasts, starts = gen._pasts(prompts, matches)
+        new = [p[s:] for p, s in zip(prompts, starts)]
+        logits, attention, next_pos, cache, order = gen._prefill(pasts, starts, new)
+        joined = [reqs[i] for i in order]
+        if self._running:
+            cache, attention = merge_caches(gen.model.config, [(self._cache, self._attention), (cache, attention)])
+            logits = torch.cat([self._logits, logits])  # (b, V)
+            next_pos = torch.cat([self._next_pos, next_pos])  # (b, 1)
+            joined = self._running + joined
+        self._running, self._cache, self._attention = joined, cache, attention
+        self._logits, self._next_pos = logits, next_pos

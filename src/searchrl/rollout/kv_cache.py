@@ -288,3 +288,18 @@ def _common(a: list[int], b: list[int], start: int) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n - start
+
+
+def trim_left(cache: Any, attention: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns no row attends to (left by rows that left the batch) from every
+    layer of ``cache`` (views, no copy); return the attention mask (b, W') without them.
+
+    >>> trim_left(None, torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])).tolist()
+    [[0, 1, 1], [1, 1, 1]]
+    """
+    first = int(attention.any(dim=0).int().argmax())  # every row has a real column
+    if first == 0:
+        return attention
+    for layer in getattr(cache, "layers", ()):
+        layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+    return attention[:, first:]

@@ -6,11 +6,24 @@ only inserted text (information blocks, corrective feedback) is encoded, with
 ``old_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
 ``old_logprobs`` always have one entry per response token.
 
-One round = one generation for every active trajectory, whatever turn it is at, then ONE batched
-``retriever.search`` call holding every query of the round. A finished trajectory frees its slot
-and the next pending (example, sample) pair takes it in the next round (refill), so nobody waits
-for the slowest trajectory of a batch. The generator takes one ``max_new_tokens`` per call, so rows
-whose budget is cut by the context limit are generated in a separate call of the same round.
+Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
+can stream and prefers it, see :class:`~searchrl.rollout.generator.StreamingGenerator`: the HF
+backend on a GPU; else ``rounds``):
+
+- ``continuous``: up to ``batch_size`` trajectories run in one continuous batch. After every
+  decode step, the turns that ended are parsed, ALL queries of that step go to the retriever in one
+  batched call, and each searching trajectory rejoins the running batch at the next step with its
+  observation (only the new tokens are prefilled when the generator keeps its KV); a finished
+  trajectory frees its slot for the next pending (example, sample) pair at once. Nobody waits for
+  the slowest row of a turn. Each turn samples from its own random stream, seeded from
+  ``(seed, example index, sample index, turn)``, so a trajectory does not depend on the batch
+  size or on which trajectories share its steps (up to float rounding).
+- ``rounds``: one round = one ``generate`` call for every active trajectory, whatever turn it is
+  at, then ONE batched ``retriever.search`` call holding every query of the round; finished
+  trajectories free their slot for the next round (refill). The generator takes one
+  ``max_new_tokens`` per call, so rows whose budget is cut by the context limit are generated in
+  a separate call of the same round. Call ``i`` of a run samples with ``seed + i``. Any
+  :class:`~searchrl.rollout.generator.Generator` works.
 
 Turns and their budget (a trajectory has at most ``max_turns + 1`` model turns):
 
@@ -33,8 +46,9 @@ Turns and their budget (a trajectory has at most ``max_turns + 1`` model turns):
 ``method`` ``direct`` | ``cot`` | ``rag`` run one answer-only turn with the matching prompt
 (``rag`` retrieves top-k for every question in one batched call first), same records.
 
-Left out: asynchronous generation across rounds (a round is one synchronous generator call per
-budget group), reward computation (:mod:`searchrl.rewards`) and tensor padding (the trainer).
+Left out: retrieval running concurrently with decoding (it runs between steps; in-process BM25
+takes milliseconds against a decode step's ~0.1 s on CPU), reward computation
+(:mod:`searchrl.rewards`) and tensor padding (the trainer).
 """
 
 from __future__ import annotations
@@ -42,10 +56,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from searchrl.errors import ConfigError, SearchRLError
@@ -64,6 +79,7 @@ from searchrl.types import Passage, QAExample, Trajectory, Turn
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("answer", "search_on_last_turn", "max_turns", "eos", "context")
+SCHEDULES = ("auto", "continuous", "rounds")
 
 
 @dataclass
@@ -78,7 +94,8 @@ class RolloutConfig:
     min_turn_tokens: int = 16  # a turn needs at least this many free tokens, else "context"
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None  # call i of a run samples with seed + i
+    seed: int | None = None  # see the module doc for how it seeds each schedule
+    schedule: str = "auto"  # "auto" | "continuous" | "rounds" (module doc)
     stop: tuple[str, ...] = ("</search>", "</answer>")
     feedback: str = INVALID_ACTION_FEEDBACK  # inserted after an invalid action
     last_turn_notice: str = LAST_TURN_NOTICE  # shown before the final turn ("" = none)
@@ -106,6 +123,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p!r}")
         if not self.stop or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"rollout.stop: need non-empty strings, got {self.stop!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"rollout.schedule: one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.on_eos not in ("end", "feedback"):
             raise ConfigError(f"rollout.on_eos: 'end' or 'feedback', got {self.on_eos!r}")
         for name in ("feedback", "last_turn_notice"):
@@ -118,7 +137,11 @@ class RolloutConfig:
 
 @dataclass
 class RolloutStats:
-    """Where a run's time went (filled in place when passed to :func:`run_rollouts`)."""
+    """Where a run's time went (filled in place when passed to :func:`run_rollouts`).
+
+    ``generator_calls``: ``generate`` calls (rounds) or decode steps (continuous); ``rounds``:
+    rounds, or the steps at which some turn ended (continuous).
+    """
 
     generation_seconds: float = 0.0
     retrieval_seconds: float = 0.0
@@ -222,12 +245,16 @@ class _Rollout:
                     f"generator returned {len(comps)} completions for {len(prompts)} prompts"
                 )
             for i, c in zip(idx, comps):
-                if len(c.logprobs) != len(c.token_ids):
-                    raise SearchRLError("generator returned a completion whose log-probs and "
-                                        "token ids differ in length")  # fmt: skip
+                self._check_completion(c)
                 self.stats.generated_tokens += len(c.token_ids)
                 out[i] = c
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_completion(c: Completion) -> None:
+        if len(c.logprobs) != len(c.token_ids):
+            raise SearchRLError("generator returned a completion whose log-probs and "
+                                "token ids differ in length")  # fmt: skip
 
     # ---- appending to a trajectory ----------------------------------------------------------
     def _insert(self, a: _Active, text: str, ids: list[int] | None = None) -> bool:
@@ -343,6 +370,77 @@ class _Rollout:
             t.turns[0].passages = list(self._rag_passages[a.key[0]] or [])
         return t
 
+    def turn_seed(self, a: _Active) -> int | None:
+        """The seed of trajectory ``a``'s next turn under the continuous schedule."""
+        if self.cfg.seed is None:
+            return None
+        entropy = [self.cfg.seed % 2**63, a.key[0], a.key[1], a.turns_done]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+    def run_continuous(
+        self, examples: Sequence[QAExample], n_samples: int, batch_size: int, progress: bool
+    ) -> list[Trajectory]:
+        """The continuous schedule (module doc) over a streaming generator."""
+        prompts = self.prompts(examples)
+        pending = deque((i, s) for i in range(len(examples)) for s in range(n_samples))
+        done: dict[tuple[int, int], Trajectory] = {}
+        active: dict[tuple[int, int], _Active] = {}
+        bar = tqdm(total=len(pending), desc=f"rollouts ({self.method})", unit="traj",
+                   disable=not progress, leave=False)  # fmt: skip
+        cfg = self.cfg
+        sampling = SamplingParams(cfg.max_new_tokens_per_turn, cfg.temperature, cfg.top_p)
+
+        def end(a: _Active, release: Callable[[Any], None]) -> None:
+            release(a.key)
+            done[a.key] = self.finish(a)
+            active.pop(a.key, None)
+            bar.update(1)
+
+        with self.generator.stream(sampling, stop=list(self.stop)) as stream:  # type: ignore[attr-defined]
+            def launch(a: _Active) -> None:
+                stream.add(a.key, a.traj.prompt_ids + a.traj.response_ids, self._budget(a), self.turn_seed(a))
+
+            def refill() -> None:
+                while pending and len(active) < batch_size:
+                    key = pending.popleft()
+                    a = self.admit(examples[key[0]], prompts[key[0]], key)
+                    active[key] = a
+                    if a.traj.finish_reason:  # the prompt leaves no room
+                        end(a, stream.release)
+                    else:
+                        launch(a)
+
+            refill()
+            while active:
+                if not stream.busy:
+                    raise SearchRLError("rollout: trajectories in flight but the stream is idle")
+                t0 = time.perf_counter()
+                finished = stream.step()
+                self.stats.generation_seconds += time.perf_counter() - t0
+                self.stats.generator_calls += 1
+                if not finished:
+                    continue
+                self.stats.rounds += 1
+                searches = []
+                for key, c in finished:
+                    self._check_completion(c)
+                    self.stats.generated_tokens += len(c.token_ids)
+                    query = self.apply(active[key], c)
+                    if query is not None:
+                        searches.append((active[key], query))
+                self.observe(searches)
+                for key, _ in finished:
+                    a = active[key]
+                    if a.traj.finish_reason:
+                        end(a, stream.release)
+                    else:
+                        launch(a)
+                refill()
+        bar.close()
+        self.stats.trajectories += len(done)
+        log.debug("rollouts done: %s", self.stats.as_dict())
+        return [done[k] for k in sorted(done)]
+
     def run(self, examples: Sequence[QAExample], n_samples: int, batch_size: int, progress: bool):
         prompts = self.prompts(examples)
         pending = deque((i, s) for i in range(len(examples)) for s in range(n_samples))
@@ -392,7 +490,8 @@ def run_rollouts(
     """Roll out ``n_samples`` trajectories per example; sorted by example, then sample index.
 
     ``batch_size`` is the number of trajectories in flight (one generator row each);
-    ``retriever`` may be ``None`` for ``direct`` and ``cot``. ``stats``, when given, is filled
+    ``retriever`` may be ``None`` for ``direct`` and ``cot``. ``cfg.schedule`` picks continuous
+    batching or rounds (module doc). ``stats``, when given, is filled
     in place. A generator with ``reset_cache()`` (KV reuse) is reset at the start and the end of
     the run. See the module doc for the rules of the loop.
     """
@@ -404,8 +503,16 @@ def run_rollouts(
     if n_samples < 1 or batch_size < 1:
         raise ConfigError(f"n_samples and batch_size must be >= 1 (got {n_samples}, {batch_size})")
     run = _Rollout(generator, retriever, tokenizer, cfg, stats or RolloutStats(), method)
+    can_stream = callable(getattr(generator, "stream", None)) and getattr(generator, "can_stream", False)
+    if cfg.schedule == "continuous" and not can_stream:
+        raise ConfigError(f"rollout.schedule=continuous: {type(generator).__name__} cannot stream "
+                          "(use 'rounds' or 'auto')")  # fmt: skip
+    prefers = can_stream and getattr(generator, "prefers_stream", False)
+    continuous = cfg.schedule == "continuous" or (cfg.schedule == "auto" and prefers)
     reset_cache(generator)  # nothing kept from earlier weights is used, nothing outlives the run
     try:
+        if continuous:
+            return run.run_continuous(examples, n_samples, batch_size, progress)
         return run.run(examples, n_samples, batch_size, progress)
     finally:
         reset_cache(generator)
