@@ -99,6 +99,17 @@ def test_bf16_copy_matches_autocast_and_follows_the_weights(tiny_lm):
     assert not torch.equal(first(after), lp_copy)
 
 
+def test_model_amp_copy_setting_reaches_the_generator(tiny_lm):
+    from searchrl.training.models import ModelBundle
+
+    model, tok = tiny_lm
+    assert apply_overrides(TrainConfig(), ["model.amp_copy=false"]).model.amp_copy is False
+    assert TrainConfig().model.amp_copy is True
+    for amp_copy in (True, False):
+        bundle = ModelBundle(model, tok, None, None, False, torch.device("cpu"), BF16, amp_copy)
+        assert (bundle.generator().generation_model() is model) is not amp_copy
+
+
 def test_update_under_autocast_keeps_fp32_weights_and_tracks_fp32_loss(tiny_lm):
     model, tok = tiny_lm
     ex = QAExample("q", "question", ["x"])

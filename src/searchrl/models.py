@@ -99,7 +99,7 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def amp_dtype(mode: str, device: str | torch.device, weights: str = "float32") -> torch.dtype | None:
-    """The autocast dtype for mixed precision on ``device`` (None = compute in the weights' dtype).
+    """The compute dtype for mixed precision on ``device`` (None = compute in the weights' dtype).
 
     Only fp32 weights (``weights``) are autocast: bf16/fp16 weights already compute in half precision.
 

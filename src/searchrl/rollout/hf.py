@@ -7,7 +7,8 @@
   would alone; the prompt is run once, then one token per step through a ``DynamicCache``;
 * greedy (``temperature == 0``) takes the argmax; otherwise tokens are drawn from
   ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1``, with a
-  ``torch.Generator`` seeded from ``SamplingParams.seed`` (same seed, same inputs: same tokens);
+  ``torch.Generator`` seeded from ``SamplingParams.seed`` (same seed, same inputs: same tokens;
+  :func:`sample_next`);
 * **log-probs** are ``log_softmax(logits / temperature)`` of the raw model at the sampled token
   (temperature 1 when greedy), *before* top-p truncation: at the RL setting (temperature 1, top-p 1)
   this is exactly the policy's log-probability, the quantity PPO/GRPO ratios need;
@@ -17,7 +18,14 @@
   a token ends the row after that token. Tokens are returned exactly as sampled (EOS included);
   ``Completion.text`` is their decoding with special tokens skipped (as vLLM does);
 * finished rows leave the batch at once (the KV cache rows are index-selected), so the work per
-  step shrinks as rows finish.
+  step shrinks as rows finish;
+* with ``amp`` (bf16 over fp32 weights) the forward passes run on a bf16 copy of the weights,
+  refreshed when the weights change (:meth:`HFGenerator.generation_model`; same detection as the
+  staleness rule below).
+
+**Continuous batching** (:meth:`HFGenerator.stream`, :class:`HFStream`): rows are added under a
+key and join the running decode batch between steps; each step returns the rows that finished,
+so the multi-turn loop can put a trajectory's next turn back as soon as its observation is ready.
 
 **KV reuse** (``kv_reuse=True``, the default; see :mod:`searchrl.rollout.kv_cache`): after a
 call, each returned row's KV (prompt + sampled tokens) is kept; a later prompt that starts with a
@@ -43,8 +51,11 @@ Models whose cache layers are not plain ``DynamicLayer`` (sliding-window, hybrid
 caches) run without reuse (a warning says so).
 
 Left out: beam search, repetition penalties, speculative decoding, trimming pad columns of the
-cache once the longest rows have finished, CUDA graphs (use the vLLM backend for speed), copy-free
-sharing of a prefix between rows (a shared past is copied into each row of the batch cache).
+cache once the longest rows have finished (the stream trims them), CUDA graphs (use the vLLM
+backend for speed), copy-free sharing of a prefix between rows (a shared past is copied into each
+row of the batch cache), a preallocated or paged cache (each decode step concatenates, each join
+and each departure copies the batch cache: on CPU these copies make continuous batching no faster
+than rounds).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ backend on a GPU; else ``rounds``):
 
 - ``continuous``: up to ``batch_size`` trajectories run in one continuous batch. After every
   decode step, the turns that ended are parsed, ALL queries of that step go to the retriever in one
-  batched call, and each searching trajectory rejoins the running batch at the next step with its
-  observation (only the new tokens are prefilled when the generator keeps its KV); a finished
-  trajectory frees its slot for the next pending (example, sample) pair at once. Nobody waits for
-  the slowest row of a turn. Each turn samples from its own random stream, seeded from
+  batched call, and each searching trajectory is queued to rejoin the running batch with its
+  observation (the generator joins queued rows in small groups within a few steps, and prefills
+  only the new tokens when it keeps their KV); a finished trajectory frees its slot for the next
+  pending (example, sample) pair at once. Nobody waits for the slowest row of a turn. Each turn samples from its own random stream, seeded from
   ``(seed, example index, sample index, turn)``, so a trajectory does not depend on the batch
   size or on which trajectories share its steps (up to float rounding).
 - ``rounds``: one round = one ``generate`` call for every active trajectory, whatever turn it is
@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -390,13 +390,13 @@ class _Rollout:
         cfg = self.cfg
         sampling = SamplingParams(cfg.max_new_tokens_per_turn, cfg.temperature, cfg.top_p)
 
-        def end(a: _Active, release: Callable[[Any], None]) -> None:
-            release(a.key)
-            done[a.key] = self.finish(a)
-            active.pop(a.key, None)
-            bar.update(1)
-
         with self.generator.stream(sampling, stop=list(self.stop)) as stream:  # type: ignore[attr-defined]
+            def end(a: _Active) -> None:
+                stream.release(a.key)
+                done[a.key] = self.finish(a)
+                active.pop(a.key, None)
+                bar.update(1)
+
             def launch(a: _Active) -> None:
                 stream.add(a.key, a.traj.prompt_ids + a.traj.response_ids, self._budget(a), self.turn_seed(a))
 
@@ -406,7 +406,7 @@ class _Rollout:
                     a = self.admit(examples[key[0]], prompts[key[0]], key)
                     active[key] = a
                     if a.traj.finish_reason:  # the prompt leaves no room
-                        end(a, stream.release)
+                        end(a)
                     else:
                         launch(a)
 
@@ -432,7 +432,7 @@ class _Rollout:
                 for key, _ in finished:
                     a = active[key]
                     if a.traj.finish_reason:
-                        end(a, stream.release)
+                        end(a)
                     else:
                         launch(a)
                 refill()

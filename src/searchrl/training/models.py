@@ -32,7 +32,14 @@ class ModelBundle:
     critic: ValueModel | None
     uses_lora: bool
     device: torch.device
-    amp: torch.dtype | None = None  # autocast dtype for generation and training (None = off)
+    amp: torch.dtype | None = None  # half-precision compute dtype (training: autocast; generation: see HFGenerator)
+    amp_copy: bool = True  # generation in ``amp`` on a copy of the weights (HFGenerator's amp_copy)
+
+    def generator(self) -> Any:
+        """An :class:`~searchrl.rollout.hf.HFGenerator` over the policy, with these precision settings."""
+        from searchrl.rollout.hf import HFGenerator
+
+        return HFGenerator(self.policy, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forward passes (see :func:`searchrl.models.amp_dtype`)."""
@@ -107,8 +114,8 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     amp = amp_dtype(cfg.amp, device, weights=cfg.dtype)
     log.info("policy: %.1fM trainable parameters%s; compute: %s", n_train / 1e6, " (LoRA)" if uses_lora else "",
-             "bf16 autocast" if amp is not None else cfg.dtype)
-    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp)
+             "bf16 (autocast in training, a bf16 copy of the weights in generation)" if amp is not None else cfg.dtype)
+    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp, cfg.amp_copy)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

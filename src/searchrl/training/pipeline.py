@@ -190,7 +190,6 @@ def export_model(models, path: Path) -> Path:
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content."""
-    from searchrl.rollout.hf import HFGenerator
     from searchrl.training.checkpoint import list_checkpoints
     from searchrl.training.models import build_models
     from searchrl.training.trainer import Trainer
@@ -208,7 +207,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
     models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic)
     tok = models.tokenizer
-    generator = HFGenerator(models.policy, tok, amp=models.amp)
+    generator = models.generator()
     trainer = Trainer(cfg, models, retriever, train, generator=generator)
     resumed = resume and trainer.resume()
 

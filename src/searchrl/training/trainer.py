@@ -93,12 +93,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, models: ModelBundle, retriever: Any,
                  train_examples: list[QAExample], generator: Any = None,
                  sync_weights: Callable[[torch.nn.Module], None] | None = None):
-        from searchrl.rollout.hf import HFGenerator
-
         self.cfg, self.models, self.retriever = cfg, models, retriever
         self.tokenizer = models.tokenizer
         self.train_examples = train_examples
-        self.generator = generator or HFGenerator(models.policy, models.tokenizer, amp=models.amp)
+        self.generator = generator or models.generator()
         self.sync_weights = sync_weights
         self.run_dir = Path(cfg.out)
         self.sampler = DataSampler(len(train_examples), cfg.seed)
