@@ -12,9 +12,11 @@ turns, top-2, 64 new tokens a turn, 200-token observations, 1024-token context):
   batch size, of exactly ``tokens_per_row`` new tokens per row (the loop's generated tokens per
   trajectory, rounded; EOS ignored, no stop strings, no retrieval): the ceiling the loop is
   measured against (``loop_over_raw_<schedule>``). Same KV-reuse setting as the loop.
-  ``ceiling_<schedule>`` is the ratio the loop would reach if its only cost beyond raw were its
-  extra prefill time (inserted tokens and later turns, which raw generation never reads): on a
-  CPU, where a prefilled token costs a large fraction of a decoded one, it bounds any schedule.
+  ``ceiling_<schedule>`` estimates the ratio the loop would reach if its only cost beyond raw
+  were its extra prefill time (inserted tokens and later turns, which raw generation never
+  reads), assuming its decoding costs what raw's does (it can cost less: rows leave the batch):
+  on a CPU, where a prefilled token costs a large fraction of a decoded one, it is what any
+  schedule can hope for.
 - ``original``: the loop with a generator that, like the original Search-R1, ignores stop strings,
   generates each turn's whole budget and cuts the text afterwards (tokens/s counts kept tokens).
 
@@ -229,7 +231,7 @@ def main() -> None:
         sync(); raw_s = time.perf_counter() - t
         raw_tps = produced / raw_s
         # the ratio a loop would reach if its only cost beyond raw generation were the prefill of
-        # what raw generation never reads (inserted tokens, later turns): a ceiling on this device
+        # what raw generation never reads (inserted tokens, later turns): an estimated ceiling
         ceiling = {f"ceiling_{name}": round(raw_s / (raw_s + max(0.0, pre - timer.prefill_s)), 3)
                    for name, _, _, pre in loops}
         emit({**row, "mode": "raw", "generated_tokens": produced, "tokens_per_row": per_row,

@@ -195,3 +195,24 @@ def test_changed_weights_inside_a_stream_are_an_error(tiny_lm, prompts):
         s.add(1, prompts[1], 4)
         with pytest.raises(SearchRLError, match="weights changed"):
             s.step()
+
+
+@pytest.mark.gpu
+def test_stream_on_cuda(tiny_lm, prompts):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lm, tok = tiny_lm
+    gen = HFGenerator(lm, tok, device="cuda", amp=torch.bfloat16)  # fp32 weights: a bf16 copy runs
+    assert gen.generation_model() is not lm and gen.prefers_stream
+    want = gen.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
+    with gen.stream(SamplingParams(temperature=0.0)) as s:
+        got = drain(s, {0: [(0, prompts[0], None)], 2: [(i, prompts[i], None) for i in (1, 2, 3)]})
+    for i, c in enumerate(want):  # bf16: the first token's log-prob is robust to batch shapes
+        assert got[i].token_ids[0] == c.token_ids[0]
+        assert abs(got[i].logprobs[0] - c.logprobs[0]) < 0.05
+    rows = [(i, p, seed) for i, (p, seed) in enumerate(zip(prompts, SEEDS))]
+    with gen.stream(SamplingParams(temperature=1.0)) as s:
+        a = drain(s, {0: rows})
+    with gen.stream(SamplingParams(temperature=1.0)) as s:
+        b = drain(s, {0: rows})
+    assert [a[i].token_ids for i in range(4)] == [b[i].token_ids for i in range(4)]  # seeded
