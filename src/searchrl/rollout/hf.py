@@ -278,6 +278,7 @@ class HFGenerator:
                 if p.is_floating_point():
                     p.data = p.data.to(self.amp)
                 p.requires_grad_(False)
+                p.grad = None
         elif fingerprint != self._copy_of:
             with torch.no_grad():
                 for mine, theirs in zip(self._copy.parameters(), self.model.parameters()):
@@ -580,7 +581,7 @@ class HFGenerator:
 
 @dataclass
 class _Request:
-    """A row of an :class:`HFStream`: what it continues, its budget, its own random stream."""
+    """A row of an :class:`HFStream`: what it continues, its budget, its sampling seed."""
 
     key: Hashable
     prompt: list[int]
@@ -618,8 +619,9 @@ class HFStream:
     ``seed=None`` draws a seed from torch's global generator.
 
     The model is in eval mode, under ``torch.inference_mode`` and the generator's half precision
-    (see :class:`HFGenerator`'s ``amp``) while the stream is open (``with generator.stream(...) as s:``); the weights must not change then.
-    Leading cache columns that no running row needs any more are trimmed when rows leave.
+    (see :class:`HFGenerator`'s ``amp``) while the stream is open (``with generator.stream(...) as
+    s:``); the weights must not change then. Leading cache columns that no running row needs any
+    more are trimmed when rows leave.
     """
 
     def __init__(
