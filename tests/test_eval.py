@@ -253,10 +253,11 @@ def test_eval_resumes_without_redoing_finished_ids(world, tmp_path, monkeypatch,
     assert seen == []
     monkeypatch.undo()
     monkeypatch.setattr(runner, "run_scored", counting)
-    # a larger --limit extends the run with the new ids only
-    assert main(eval_args(world, out, "--method", "search", "--limit", "3")) == 0
+    # a larger --limit extends the run with the new ids only, under another schedule too
+    assert main(eval_args(world, out, "--method", "search", "--limit", "3", "--schedule", "continuous")) == 0
     assert sorted(seen) == ["hotpotqa_2", "nq_2"]
     assert json.loads((out / "metrics.json").read_text())["avg"]["n"] == 6
+    assert json.loads((out / "eval_config.json").read_text())["schedule"] == "continuous"
 
 
 def test_eval_refuses_other_settings(world, tmp_path, capsys):
