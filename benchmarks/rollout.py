@@ -177,7 +177,8 @@ def main() -> None:
     cfg = RolloutConfig(max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
                         max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context,
                         temperature=args.temperature, seed=0)
-    base = {"model": name, "device": args.device, "dtype": dtype, "amp": str(amp).replace("torch.", "") if amp else "off",
+    base = {"model": name, "device": args.device, "dtype": dtype,
+            "amp": str(amp).replace("torch.", "") if amp else "off",
             "amp_copy": bool(amp) and args.amp_copy == "on", "batch": args.batch, "questions": len(questions),
             "max_turns": cfg.max_turns, "topk": cfg.topk, "max_new_tokens_per_turn": cfg.max_new_tokens_per_turn,
             "max_obs_tokens": cfg.max_obs_tokens, "temperature": cfg.temperature,
@@ -217,7 +218,8 @@ def main() -> None:
 
         # raw: the loop's new tokens per trajectory, every row exactly that many (EOS ignored)
         per_row = max(1, round(loops[0][2] / len(questions)))
-        raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse, amp=amp, amp_copy=args.amp_copy == "on")
+        raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse, amp=amp,
+                          amp_copy=args.amp_copy == "on")
         prompts = [build_prompt(tok, q.question) for q in questions]
         sampling = SamplingParams(max_new_tokens=per_row, temperature=cfg.temperature, seed=1)
         raw.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=cfg.temperature, seed=1))  # warm-up

@@ -315,7 +315,8 @@ class HFGenerator:
         """A continuous batch (:class:`HFStream`) sampling with ``sampling``'s temperature and
         top-p (its ``max_new_tokens`` and ``seed`` are per request). Use it as a context manager."""
         if not self.can_stream:
-            raise SearchRLError(f"streaming needs plain DynamicCache layers: {reuse_unsupported(self.model)}")
+            why = reuse_unsupported(self.model)
+            raise SearchRLError(f"streaming needs plain DynamicCache layers: {why}")
         if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
             raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
         return HFStream(self, sampling, stop)
@@ -674,7 +675,8 @@ class HFStream:
         """Queue one row; it joins the batch at the next :meth:`step`."""
         if key in self._keys:
             raise SearchRLError(f"stream: key {key!r} is already queued or running")
-        self.gen._check([prompt], SamplingParams(max_new_tokens, self.sampling.temperature, self.sampling.top_p))
+        sampling = SamplingParams(max_new_tokens, self.sampling.temperature, self.sampling.top_p)
+        self.gen._check([prompt], sampling)
         if seed is None:  # from torch's global generator: torch.manual_seed makes it repeatable
             seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
         req = _Request(key, list(prompt), int(max_new_tokens), int(seed) & _M64)
@@ -764,7 +766,8 @@ class HFStream:
         logits, attention, next_pos, cache, order = gen._prefill(pasts, starts, new)
         joined = [reqs[i] for i in order]
         if self._running:
-            cache, attention = merge_caches(gen.model.config, [(self._cache, self._attention), (cache, attention)])
+            parts = [(self._cache, self._attention), (cache, attention)]
+            cache, attention = merge_caches(gen.model.config, parts)
             logits = torch.cat([self._logits, logits])  # (b, V)
             next_pos = torch.cat([self._next_pos, next_pos])  # (b, 1)
             joined = self._running + joined

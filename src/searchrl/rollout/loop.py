@@ -15,9 +15,10 @@ backend on a GPU; else ``rounds``):
   batched call, and each searching trajectory is queued to rejoin the running batch with its
   observation (the generator joins queued rows in small groups within a few steps, and prefills
   only the new tokens when it keeps their KV); a finished trajectory frees its slot for the next
-  pending (example, sample) pair at once. Nobody waits for the slowest row of a turn. Each turn samples from its own random stream, seeded from
-  ``(seed, example index, sample index, turn)``, so a trajectory does not depend on the batch
-  size or on which trajectories share its steps (up to float rounding).
+  pending (example, sample) pair at once. Nobody waits for the slowest row of a turn. Each turn
+  samples from its own random stream, seeded from ``(seed, example index, sample index, turn)``,
+  so a trajectory does not depend on the batch size or on which trajectories share its steps (up
+  to float rounding).
 - ``rounds``: one round = one ``generate`` call for every active trajectory, whatever turn it is
   at, then ONE batched ``retriever.search`` call holding every query of the round; finished
   trajectories free their slot for the next round (refill). The generator takes one

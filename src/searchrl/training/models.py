@@ -32,7 +32,7 @@ class ModelBundle:
     critic: ValueModel | None
     uses_lora: bool
     device: torch.device
-    amp: torch.dtype | None = None  # half-precision compute dtype (training: autocast; generation: see HFGenerator)
+    amp: torch.dtype | None = None  # half-precision compute (training: autocast; generation: HFGenerator)
     amp_copy: bool = True  # generation in ``amp`` on a copy of the weights (HFGenerator's amp_copy)
 
     def generator(self) -> Any:
@@ -113,8 +113,9 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
             p.requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     amp = amp_dtype(cfg.amp, device, weights=cfg.dtype)
+    compute = "bf16 (autocast in training, a bf16 weight copy in generation)" if amp is not None else cfg.dtype
     log.info("policy: %.1fM trainable parameters%s; compute: %s", n_train / 1e6, " (LoRA)" if uses_lora else "",
-             "bf16 (autocast in training, a bf16 copy of the weights in generation)" if amp is not None else cfg.dtype)
+             compute)
     return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp, cfg.amp_copy)
 
 
