@@ -152,6 +152,19 @@ def test_summarize_known_values():
     assert avg["f1"] == pytest.approx(((1 + 2 / 3) / 4 + 1 + 1) / 3)
 
 
+def test_answer_in_text_reads_the_models_own_turns_only():
+    plain = traj("nq", ["Paris"], None)
+    plain.turns[-1].text = "I think it is Paris."  # right, but no <answer> block: EM 0
+    told = traj("nq", ["Paris"], None, searches=1)
+    told.turns[0].observation = "<information>Paris is the capital.</information>"  # read, not said
+    wrong = traj("nq", ["Paris"], "Lyon")
+    m = summarize([plain, told, wrong])["datasets"]["nq"]
+    assert m["em"] == 0.0 and m["answer_in_text"] == pytest.approx(1 / 3)
+    records = [json.loads(json.dumps(trajectory_record(t))) for t in (plain, told, wrong)]
+    assert summarize(records)["datasets"]["nq"]["answer_in_text"] == pytest.approx(1 / 3)
+    assert "answer in own text (diagnostic)" not in metrics_table(summarize([plain]))  # not a default row
+
+
 def test_summarize_records_match_trajectories():
     """Resumption summarises JSON records: they must give the same numbers as the objects."""
     trajs = hand_made()

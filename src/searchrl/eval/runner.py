@@ -5,7 +5,7 @@
 (objects, or the JSON records of ``trajectories.jsonl``) into the metrics table::
 
     {"datasets": {name: {"n", "em", "subem", "f1", "em_answerable",
-                         "searches_per_question", "turns", "response_tokens"}},
+                         "searches_per_question", "turns", "response_tokens", "answer_in_text"}},
      "avg": {same keys}}
 
 Datasets are the examples' ``source`` (in order of first appearance). Per dataset every value is a
@@ -14,7 +14,10 @@ whose ``extra["answerable"]`` is true, over all of them when no example carries 
 when flagged examples exist but none is answerable. ``avg`` is the macro average over datasets
 (datasets whose value is ``None`` are left out; ``None`` when all are), except ``avg.n``, which is
 the total count. The answer is taken from the model's own text only (see
-:func:`searchrl.rewards.extract_answer`).
+:func:`searchrl.rewards.extract_answer`). ``answer_in_text`` is a diagnostic, not a score: a gold
+answer occurs as whole words anywhere in the model's own turns (observations excluded, no
+``<answer>`` block needed), which tells a model that knows (or read) the answer but ignores the
+format from one that does not know it.
 
 Left out: output folders, resumption and printing (see :mod:`searchrl.eval.cli`), significance
 tests, and sampling several answers per question (pass@k).
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (
     "n", "em", "subem", "f1", "em_answerable", "searches_per_question", "turns", "response_tokens",
+    "answer_in_text",
 )  # fmt: skip
-_MEAN_KEYS = ("em", "subem", "f1", "searches_per_question", "turns", "response_tokens")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Scored:
     searches: int
     turns: int
     response_tokens: int
+    in_text: float = 0.0  # a gold answer in the model's own turns (see the module doc)
 
 
 def _answerable_flag(value: Any) -> bool | None:
@@ -69,20 +73,23 @@ def score_trajectory(traj: Trajectory) -> Scored:
     """Score a trajectory against its example's gold answers."""
     ex = traj.example
     em, sub, f1 = _scores(traj.answer, ex.golden_answers)
+    own = " ".join(t.text for t in traj.turns)
     return Scored(
         ex.source, em, sub, f1, _answerable_flag(ex.extra.get("answerable")),
-        traj.num_searches, len(traj.turns), len(traj.response_ids),
+        traj.num_searches, len(traj.turns), len(traj.response_ids), subem(own, ex.golden_answers),
     )  # fmt: skip
 
 
 def score_record(record: Mapping[str, Any]) -> Scored:
     """Score one line of ``trajectories.jsonl`` (see :func:`trajectory_record`): the answer is
     re-graded from its ``answer`` and ``golden_answers`` fields, stored scores are ignored."""
-    em, sub, f1 = _scores(record.get("answer"), list(record.get("golden_answers") or []))
+    golds = list(record.get("golden_answers") or [])
+    em, sub, f1 = _scores(record.get("answer"), golds)
+    own = " ".join(str(t.get("text") or "") for t in record.get("turns") or [])
     return Scored(
         str(record.get("source", "")), em, sub, f1, _answerable_flag(record.get("answerable")),
         int(record.get("num_searches", 0)), int(record.get("num_turns", 0)),
-        int(record.get("response_tokens", 0)),
+        int(record.get("response_tokens", 0)), subem(own, golds),
     )  # fmt: skip
 
 
@@ -110,6 +117,7 @@ def _dataset_metrics(rows: list[Scored]) -> dict[str, Any]:
     m["searches_per_question"] = _mean([float(r.searches) for r in rows])
     m["turns"] = _mean([float(r.turns) for r in rows])
     m["response_tokens"] = _mean([float(r.response_tokens) for r in rows])
+    m["answer_in_text"] = _mean([r.in_text for r in rows])
     return {k: m[k] for k in METRIC_KEYS}
 
 

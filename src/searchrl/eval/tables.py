@@ -29,6 +29,7 @@ ROW_LABELS = {
     "em": "EM", "em_answerable": "EM (answerable)", "subem": "SubEM", "f1": "F1",
     "searches_per_question": "searches / question", "turns": "turns / question",
     "response_tokens": "response tokens", "n": "questions",
+    "answer_in_text": "answer in own text (diagnostic)",
 }  # fmt: skip
 DEFAULT_ROWS = ("em", "em_answerable", "subem", "f1", "searches_per_question", "n")
 
@@ -51,7 +52,7 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "n":
         return str(int(value))
-    if key in ("em", "em_answerable", "subem", "f1"):
+    if key in ("em", "em_answerable", "subem", "f1", "answer_in_text"):
         return f"{value:.3f}"
     return f"{value:.2f}" if key != "response_tokens" else f"{value:.0f}"
 
