@@ -18,7 +18,8 @@ Pieces (all on plain per-layer key/value tensors of a transformers ``DynamicCach
   real tokens only (see :func:`batch_layout`), so every row computes what it would alone.
   :func:`row_kv` takes a row's real columns back out. :func:`length_buckets` splits a prefill
   whose rows' new parts differ much in length into batches of similar lengths, and
-  :func:`merge_caches` joins their caches into one for decoding.
+  :func:`merge_caches` joins their caches into one for decoding (or new rows into a running
+  batch); :func:`trim_left` drops the leading columns that no remaining row attends to.
 * :func:`weights_fingerprint` identifies the weights (each parameter's storage and in-place
   version counter, which ``optimizer.step`` and ``load_state_dict`` bump): kept KV computed under
   other weights is never used.
