@@ -258,8 +258,9 @@ class HFGenerator:
         self._copy: torch.nn.Module | None = None  # the weights in ``amp`` (see generation_model)
         self._copy_of: tuple | None = None  # the fingerprint of the weights it copies
         self._runner: torch.nn.Module = model  # what _forward runs during a call
-        if kv_reuse and (why := reuse_unsupported(model)) is not None:
-            log.warning("KV reuse off for %s: %s", type(model).__name__, why)
+        self._unspliceable = reuse_unsupported(model)  # why caches cannot be spliced, or None
+        if kv_reuse and self._unspliceable is not None:
+            log.warning("KV reuse off for %s: %s", type(model).__name__, self._unspliceable)
             self.kv_reuse = False
         self._store = KVStore(kv_keep_calls)
         self._fingerprint: tuple | None = None
@@ -301,7 +302,7 @@ class HFGenerator:
     @property
     def can_stream(self) -> bool:
         """Whether :meth:`stream` works for this model (its cache layers can be spliced)."""
-        return reuse_unsupported(self.model) is None
+        return self._unspliceable is None
 
     @property
     def prefers_stream(self) -> bool:
@@ -315,10 +316,8 @@ class HFGenerator:
         """A continuous batch (:class:`HFStream`) sampling with ``sampling``'s temperature and
         top-p (its ``max_new_tokens`` and ``seed`` are per request). Use it as a context manager."""
         if not self.can_stream:
-            why = reuse_unsupported(self.model)
-            raise SearchRLError(f"streaming needs plain DynamicCache layers: {why}")
-        if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
-            raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
+            raise SearchRLError(f"streaming needs plain DynamicCache layers: {self._unspliceable}")
+        self._check([], sampling)
         return HFStream(self, sampling, stop)
 
     def reset_cache(self) -> None:
@@ -750,14 +749,17 @@ class HFStream:
         prompts = [r.prompt for r in reqs]
         matches: list[Match | None] = [None] * len(reqs)
         if gen.kv_reuse and self._parked:
-            donors = KVStore()
-            donors.entries = list(self._parked.values())
-            matches = donors.match(prompts, min_length=_MIN_SHARED)
             for i, r in enumerate(reqs):  # its own previous turn, however short
                 own = self._parked.get(r.key)
                 n = len(own.tokens) if own is not None else 0
                 if own is not None and n < len(r.prompt) and r.prompt[:n] == own.tokens:
                     matches[i] = Match(own, n)
+            fresh = [i for i, m in enumerate(matches) if m is None]  # else: another row's prefix
+            if fresh:
+                donors = KVStore()
+                donors.entries = list(self._parked.values())
+                for i, m in zip(fresh, donors.match([prompts[i] for i in fresh], min_length=_MIN_SHARED)):
+                    matches[i] = m
         for key in [r.key for r in reqs] + list(self._released):  # superseded or over
             self._parked.pop(key, None)
         self._released.clear()
