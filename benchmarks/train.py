@@ -6,7 +6,7 @@ log-probs, values, advantages), ``time_update`` and tokens/s of the update (samp
 
     python benchmarks/train.py                                   # the CPU default (SmolLM2-135M, GRPO)
     python benchmarks/train.py model.lora_r=16                    # LoRA
-    python benchmarks/train.py --random-config qwen2.5-3b model.device=cuda model.dtype=bfloat16
+    python benchmarks/train.py --random-config qwen2.5-3b model.device=cuda model.amp=bf16    # fp32 master weights
 
 Extra arguments are the same dotted overrides as ``searchrl train``.
 """

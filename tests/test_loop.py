@@ -210,8 +210,8 @@ def replay(traj, gen: ScriptedGenerator) -> tuple[list[int], list[int], list[flo
 
 
 def check_invariants(traj, gen, cfg: RolloutConfig):
-    assert len(traj.response_ids) == len(traj.loss_mask) == len(traj.old_logprobs)
-    assert (traj.response_ids, traj.loss_mask, traj.old_logprobs) == replay(traj, gen)
+    assert len(traj.response_ids) == len(traj.loss_mask) == len(traj.sampler_logprobs)
+    assert (traj.response_ids, traj.loss_mask, traj.sampler_logprobs) == replay(traj, gen)
     assert traj.response_text == TOK.decode(traj.response_ids)
     assert len(traj.prompt_ids) + len(traj.response_ids) <= cfg.max_context_tokens
     assert traj.prompt_ids == build_prompt(TOK, traj.example.question)
@@ -650,7 +650,7 @@ def _steered(torch, lm, bigrams: dict[int, int], strength: float = 30.0):
 
 
 def _check_hf_trajectory(torch, t, tok, model):
-    assert len(t.response_ids) == len(t.loss_mask) == len(t.old_logprobs)
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs)
     assert t.prompt_ids == build_prompt(tok, t.example.question)
     assert t.finish_reason in ("answer", "search_on_last_turn", "max_turns", "eos", "context")
     # response = per turn: the sampled run (mask 1), then the encoded inserted text (mask 0)
@@ -671,7 +671,7 @@ def _check_hf_trajectory(torch, t, tok, model):
         logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0]  # (L, V)
     start = len(t.prompt_ids)
     want = logp[start - 1 : -1].gather(-1, ids[0, start:, None]).squeeze(-1)  # (R,)
-    got = torch.tensor(t.old_logprobs)
+    got = torch.tensor(t.sampler_logprobs)
     mask = torch.tensor(t.loss_mask, dtype=torch.bool)
     assert torch.allclose(got[mask], want[mask], atol=1e-4)
     assert (got[~mask] == 0).all()

@@ -92,7 +92,7 @@ def _grads_after_accumulation(tiny_lm, tmp_path, micro: int) -> dict[str, torch.
         old = response_logprobs(tr.models.policy, collate(trajs, tr.pad_id))[0]
     prep.old_logprobs = old - 0.05  # ratio != 1 so clipping and KL terms are live
     norm = tr._normalizer(prep.mask)
-    tr._accumulate(trajs, prep, list(range(8)), norm, tr.models.device)
+    tr._accumulate(trajs, prep, [list(range(i, min(i + micro, 8))) for i in range(0, 8, micro)], norm)
     return {n: p.grad.clone() for n, p in tr.models.policy.named_parameters() if p.grad is not None}
 
 
@@ -120,7 +120,7 @@ def test_rollout_step_runs_end_to_end(tiny_lm, tmp_path):
     m = tr.step()
     assert m["step"] == 1 and len(tr.last_trajectories) == 4
     for t in tr.last_trajectories:
-        assert len(t.response_ids) == len(t.loss_mask) == len(t.old_logprobs)
+        assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs)
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
 
 

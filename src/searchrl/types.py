@@ -85,15 +85,17 @@ class Trajectory:
     """A whole multi-turn episode for one example, with token-level data for training.
 
     ``response_ids`` holds every token after the prompt: sampled tokens (``loss_mask`` 1) and
-    inserted ones (``loss_mask`` 0). ``old_logprobs`` has one entry per response token (0.0 on
-    inserted tokens). ``len(response_ids) == len(loss_mask) == len(old_logprobs)`` always.
+    inserted ones (``loss_mask`` 0). ``sampler_logprobs`` has one entry per response token (0.0 on
+    inserted tokens): the log-probs the generator reported while sampling, kept to measure how far
+    they drift from the trainer's own (``logprob_drift``); the trainer never uses them as its "old"
+    log-probs. ``len(response_ids) == len(loss_mask) == len(sampler_logprobs)`` always.
     """
 
     example: QAExample
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
-    old_logprobs: list[float] = field(default_factory=list)
+    sampler_logprobs: list[float] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     finish_reason: str = ""  # "answer" | "max_turns" | "context" | "search_on_last_turn" | ...
     response_text: str = ""  # decoded response, inserted text included
@@ -152,6 +154,6 @@ class Trajectory:
                 prompt_ids=self.prompt_ids,
                 response_ids=self.response_ids,
                 loss_mask=self.loss_mask,
-                old_logprobs=self.old_logprobs,
+                sampler_logprobs=self.sampler_logprobs,
             )
         return d

@@ -26,6 +26,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
+from searchrl.algos.common import _check_mask, lookup, masked_mean, masked_var, masked_whiten
 from searchrl.errors import ConfigError
 
 __all__ = [
@@ -52,21 +53,6 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
 
 
 # --------------------------------------------------------------------------- registry
-
-
-def lookup(registry: dict[str, Any], name: str, what: str) -> Any:
-    """Return ``registry[name]`` or raise :class:`ConfigError` listing the valid names.
-
-    >>> lookup({"a": 1}, "b", "thing")
-    Traceback (most recent call last):
-    ...
-    searchrl.errors.ConfigError: unknown thing 'b'; valid names: a
-    """
-    try:
-        return registry[name]
-    except (KeyError, TypeError):
-        valid = ", ".join(sorted(registry))
-        raise ConfigError(f"unknown {what} {name!r}; valid names: {valid}") from None
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
@@ -97,49 +83,6 @@ def estimator_needs_critic(name: str) -> bool:
     (True, False)
     """
     return "values" in inspect.signature(get_advantage_estimator(name)).parameters
-
-
-# --------------------------------------------------------------------------- masked helpers
-
-
-def _check_mask(x: Tensor, mask: Tensor) -> Tensor:
-    if x.shape != mask.shape:
-        raise ValueError(f"shape mismatch: tensor {tuple(x.shape)} vs mask {tuple(mask.shape)}")
-    return mask.bool()
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` over ``mask == 1`` (all of it, or along ``dim``); 0 where nothing is selected.
-
-    >>> masked_mean(torch.tensor([1.0, 2.0, float("nan")]), torch.tensor([1, 1, 0]))
-    tensor(1.5000)
-    """
-    m = _check_mask(x, mask)
-    total = torch.where(m, x, torch.zeros_like(x)).sum(dim=dim)
-    count = m.sum(dim=dim)
-    return total / count.clamp_min(1).to(total.dtype)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of ``x`` over ``mask == 1`` (scalar). ``unbiased`` uses ``n - 1`` (as ``torch.var``);
-    with fewer than two selected elements the denominator is clamped to 1 (variance 0)."""
-    m = _check_mask(x, mask)
-    mean = masked_mean(x, m)
-    sq = torch.where(m, (x - mean) ** 2, torch.zeros_like(x)).sum()
-    n = m.sum()
-    denom = (n - 1) if unbiased else n
-    return sq / denom.clamp_min(1).to(sq.dtype)
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` with statistics over ``mask == 1`` (unbiased variance);
-    ``shift_mean=False`` adds the mean back (scale only). Zero where ``mask == 0``."""
-    m = _check_mask(x, mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, torch.zeros_like(out))
 
 
 def place_outcome_reward(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -388,6 +331,7 @@ def compute_advantages(
     token_rewards: Tensor | None = None,
     values: Tensor | None = None,
     group_ids: Any = None,
+    config: Any = None,
     **options: Any,
 ) -> tuple[Tensor, Tensor]:
     """Call estimator ``name`` with whatever it needs, so a trainer needs no per-estimator code.
@@ -395,10 +339,22 @@ def compute_advantages(
     Outcome estimators (grpo, rloo) get ``rewards [B]``, or the masked row sums of
     ``token_rewards``; token estimators (gae, reinforce_plus_plus) get ``token_rewards [B, T]``, or
     ``rewards`` placed on the last selected token. ``options`` are the estimator's own keyword
-    arguments (``gamma``, ``lam``, ``norm_by_std``...); unknown ones raise ConfigError.
+    arguments (``gamma``, ``lam``, ``norm_by_std``...); unknown ones raise ConfigError. With
+    ``config`` (any object, e.g. the algo config), each keyword argument of the estimator that is
+    not given takes the attribute of the same name where ``config`` has one.
+
+    >>> from types import SimpleNamespace
+    >>> m = torch.ones(2, 1)
+    >>> compute_advantages("grpo", mask=m, rewards=torch.tensor([1.0, 0.0]), group_ids=[0, 0],
+    ...                    config=SimpleNamespace(norm_by_std=False, gamma=0.5))[0].squeeze(1)
+    tensor([ 0.5000, -0.5000])
     """
     fn = get_advantage_estimator(name)
     params = inspect.signature(fn).parameters
+    if config is not None:
+        data = {"mask", "rewards", "token_rewards", "values", "group_ids"}
+        taken = {k: getattr(config, k) for k in params if k not in data and k not in options and hasattr(config, k)}
+        options = {**taken, **options}
     m = mask.bool()
     if rewards is None and token_rewards is None:
         raise ValueError("compute_advantages needs rewards [B] or token_rewards [B, T]")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from searchrl.algos.advantages import lookup, masked_mean
+from searchrl.algos.common import lookup, masked_mean
 from searchrl.errors import ConfigError
 
 __all__ = [

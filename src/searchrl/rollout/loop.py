@@ -3,8 +3,8 @@
 Token in, token out: the model's tokens are kept exactly as sampled (EOS included, trained);
 only inserted text (information blocks, corrective feedback) is encoded, with
 ``add_special_tokens=False``. ``loss_mask`` is 1 on sampled tokens and 0 on inserted ones, and
-``old_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
-``old_logprobs`` always have one entry per response token.
+``sampler_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
+``sampler_logprobs`` always have one entry per response token.
 
 Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
 can stream and prefers it, see :class:`~searchrl.rollout.generator.StreamingGenerator`: the HF
@@ -268,7 +268,7 @@ class _Rollout:
         t = a.traj
         t.response_ids += ids
         t.loss_mask += [0] * len(ids)
-        t.old_logprobs += [0.0] * len(ids)
+        t.sampler_logprobs += [0.0] * len(ids)
         t.turns[-1].observation = text
         self.stats.inserted_tokens += len(ids)
         return True
@@ -282,7 +282,7 @@ class _Rollout:
         text = c.text or self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
         t.response_ids += list(c.token_ids)
         t.loss_mask += [1] * len(c.token_ids)
-        t.old_logprobs += [float(x) for x in c.logprobs]
+        t.sampler_logprobs += [float(x) for x in c.logprobs]
         final = self.single_turn or a.turns_done == cfg.max_turns
         action = parse_action(text, ("answer",) if self.single_turn else ("search", "answer"))
         turn = Turn(text=text, action=action.kind, finish_reason=c.finish_reason)

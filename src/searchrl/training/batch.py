@@ -1,4 +1,4 @@
-"""Turn trajectories into padded training tensors, and run the policy / critic over them.
+"""Turn trajectories into padded training tensors, and run the policy over them for log-probs.
 
 Layout of a batch of ``B`` trajectories (prompt lengths ``P_i``, response lengths ``R_i``): prompts
 are left-padded to ``P = max P_i`` and responses right-padded to ``R = max R_i``, so every row's
@@ -68,8 +68,22 @@ def collate(trajectories: list[Trajectory], pad_id: int) -> TokenBatch:
     return TokenBatch(input_ids, attention, position_ids, input_ids[:, P:], response_mask, loss_mask, P)
 
 
-def _response_hidden_logits(model, batch: TokenBatch) -> Tensor:
-    """Logits predicting each response token: ``[B, R, V]``."""
+# Causal LMs whose logits are exactly ``lm_head(final hidden state)``: for these the head can run on
+# the few positions a loss needs. Others (logit soft-capping, logit scales) take the full forward.
+_HEAD_ONLY_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                     "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def _split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of ``model`` (through a PEFT wrapper) when logits are just the head's output."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__ not in _HEAD_ONLY_MODELS or not hasattr(base, "get_decoder"):
+        return None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _full_logits(model, batch: TokenBatch) -> Tensor:
+    """Logits predicting each response token: ``[B, R, V]`` (the whole model's forward)."""
     R = batch.response_ids.shape[1]
     out = model(
         input_ids=batch.input_ids,
@@ -81,43 +95,53 @@ def _response_hidden_logits(model, batch: TokenBatch) -> Tensor:
     return out.logits[:, :-1, :]  # [B, R, V]: column P-1+t predicts response token t
 
 
+def _selected_logits(model, batch: TokenBatch, sel: Tensor, head_only: bool = True) -> Tensor:
+    """Logits ``[n, V]`` predicting the response tokens where ``sel`` ``[B, R]`` is True."""
+    parts = _split_head(model) if head_only else None
+    if parts is None:
+        return _full_logits(model, batch)[sel]
+    decoder, head = parts
+    P, R = batch.prompt_len, batch.response_ids.shape[1]
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, use_cache=False).last_hidden_state  # [B, P + R, H]
+    return head(hidden[:, P - 1 : P - 1 + R][sel])  # [n, V]
+
+
 def response_logprobs(
     model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, mask: Tensor | None = None, chunk_size: int = 1024,
+    head_only: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs of the response tokens under ``model`` ``[B, R]`` (and entropies ``[B, R]``;
-    detached unless ``entropy_grad``, so an entropy used only as a metric costs no graph)."""
-    logits = _response_hidden_logits(model, batch).float()  # [B, R, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = logprobs_from_logits(logits, batch.response_ids)  # [B, R]
-    ent = None
-    if with_entropy:
-        ent = entropy_from_logits(logits if entropy_grad else logits.detach())
-    return logp, ent
+    """Log-probs of the response tokens under ``model`` at ``temperature``, ``[B, R]`` (and
+    entropies ``[B, R]``, detached unless ``entropy_grad``, so an entropy used only as a metric
+    costs no graph).
+
+    With ``mask`` ``[B, R]``, only the positions where it is 1 are computed (0.0 elsewhere). For
+    the models in ``_HEAD_ONLY_MODELS`` the LM head then runs on those positions alone (inserted
+    observation tokens and padding skip the vocabulary projection); ``head_only=False`` forces the
+    full forward (for comparisons). Logits are cast to float32 ``chunk_size`` positions at a time,
+    never as one ``[B, R, V]`` float32 tensor.
+    """
+    sel = batch.response_mask.bool() if mask is None else mask.bool() & batch.response_mask.bool()  # [B, R]
+    logits = _selected_logits(model, batch, sel, head_only)  # [n, V]
+    labels = batch.response_ids[sel]  # [n]
+    lp_parts, ent_parts = [], []
+    for s in range(0, labels.shape[0], chunk_size):
+        lf = logits[s : s + chunk_size].float()  # [c, V]
+        if temperature != 1.0:
+            lf = lf / temperature
+        lp_parts.append(logprobs_from_logits(lf, labels[s : s + chunk_size]))
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent_parts.append(entropy_from_logits(lf if entropy_grad else lf.detach()))
+    logp = _scatter(sel, lp_parts, logits.device)  # [B, R]
+    return logp, (_scatter(sel, ent_parts, logits.device) if with_entropy else None)
 
 
-class ValueModel(torch.nn.Module):
-    """A critic: a causal LM's backbone plus a scalar head, one value per token position."""
-
-    def __init__(self, backbone: torch.nn.Module, hidden_size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.value_head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, batch: TokenBatch) -> Tensor:
-        """Values ``[B, R]``: the value at the state *before* each response token."""
-        R = batch.response_ids.shape[1]
-        h = self.backbone(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state  # [B, P + R, H]
-        h = h[:, -(R + 1) : -1, :]  # [B, R, H]
-        return self.value_head(h.float()).squeeze(-1)  # [B, R]
+def _scatter(sel: Tensor, parts: list[Tensor], device: torch.device) -> Tensor:
+    """Values ``[n]`` (concatenated ``parts``) put back at ``sel``'s True positions of a zero ``[B, R]``."""
+    out = torch.zeros(sel.shape, dtype=torch.float32, device=device)
+    return out.masked_scatter(sel, torch.cat(parts)) if parts else out
 
 
 def micro_batches(items: list, size: int) -> list[list]:

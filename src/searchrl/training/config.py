@@ -8,10 +8,12 @@ in-process BM25, SmolLM2-135M-Instruct, GRPO); the paper presets live in ``confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from searchrl.algos.advantages import ADVANTAGE_ESTIMATORS
 from searchrl.algos.losses import AGGREGATIONS, KL_ESTIMATORS
-from searchrl.config import check
+from searchrl.config import check, from_dict, to_dict
+from searchrl.errors import ConfigError
 from searchrl.models import AMP_MODES
 from searchrl.rewards import REWARD_KINDS
 from searchrl.rollout.loop import RolloutConfig
@@ -102,6 +104,10 @@ class AlgoConfig:
         check(self.loss_agg in AGGREGATIONS, "algo.loss_agg", f"unknown {self.loss_agg!r}; valid: {list(AGGREGATIONS)}")
         check(self.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
         check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", f"unknown {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
+        check(self.kl_in_reward or self.kl_coef == 0 or self.kl_estimator not in ("k1", "kl", "abs"), "algo.kl_estimator",
+              f"{self.kl_estimator!r} cannot be a KL loss: on tokens sampled from the policy its gradient has mean "
+              "zero (k1) or no useful direction (abs), so the term adds only noise; use low_var_kl (k3) or k2 as "
+              "a loss, or keep k1 with algo.kl_in_reward=true")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algo.gamma", "gamma and lam must be in [0, 1]")
         check(self.reward in REWARD_KINDS, "algo.reward", f"unknown {self.reward!r}; valid: {list(REWARD_KINDS)}")
 
@@ -119,6 +125,7 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
     grad_clip: float = field(default=1.0, metadata=_h("max gradient norm (0 = off)"))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_h("AdamW betas"))
+    nonfinite_patience: int = field(default=3, metadata=_h("stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient"))
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr", "must be > 0")
@@ -127,6 +134,7 @@ class OptimConfig:
         check(self.critic_warmup_steps >= 0, "optim.critic_warmup_steps", "must be >= 0")
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
+        check(self.nonfinite_patience >= 1, "optim.nonfinite_patience", "must be >= 1")
 
 
 @dataclass
@@ -162,7 +170,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=1.0))
-    eval_rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(**CPU_ROLLOUT, temperature=0.0))
+    eval_rollout: dict[str, Any] = field(default_factory=dict, metadata=_h("evaluation rollout: only the rollout.* fields that differ; every other field follows rollout, greedy (temperature 0); the resolved budgets are written to the run's config.yaml"))
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -180,6 +188,26 @@ class TrainConfig:
         check(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
         check(self.mode in ("rl", "sft", "rejection"), "mode", f"must be rl, sft or rejection, got {self.mode!r}")
         check(self.mode != "sft" or self.method == "direct", "method", "mode=sft trains question -> answer: set method=direct")
+        check(self.model.dtype == "float32" or self.model.lora_r > 0, "model.dtype",
+              f"{self.model.dtype} weights with full fine-tuning: AdamW would update the {self.model.dtype} weights "
+              "directly, and at RL learning rates most steps are below half a bf16 ulp, so the weights barely "
+              "move; use model.dtype=float32 with model.amp=bf16 (fp32 master weights, bf16 compute), or LoRA "
+              "(model.lora_r > 0; its adapters stay float32 over the bf16 base)")
+        self.eval_rollout_config  # validates the evaluation overrides now, not at the first evaluation
+
+    @property
+    def eval_rollout_config(self) -> RolloutConfig:
+        """The evaluation budgets: ``rollout`` made greedy, with the fields of ``eval_rollout`` over it."""
+        base = {**to_dict(self.rollout), "temperature": 0.0, "top_p": 1.0}
+        if not isinstance(self.eval_rollout, dict):
+            raise ConfigError(f"eval_rollout: expected a mapping of rollout fields, got {self.eval_rollout!r}")
+        return from_dict(RolloutConfig, {**base, **self.eval_rollout}, prefix="eval_rollout.")
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as a mapping, with ``eval_rollout`` spelled out in full (for ``config.yaml``)."""
+        data = to_dict(self)
+        data["eval_rollout"] = to_dict(self.eval_rollout_config)
+        return data
 
     @property
     def trajectories_per_step(self) -> int:

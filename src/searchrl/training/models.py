@@ -1,8 +1,11 @@
 """Build the models a run trains: the policy (optionally LoRA), its frozen reference, the critic.
 
 With LoRA the reference is the same network with its adapters disabled (no second copy in
-memory); without LoRA it is a frozen deep copy, made only when a KL term is used. The critic is a
-copy of the policy's backbone (or of ``model.critic_name``) with a zero-initialised value head.
+memory); without LoRA it is a frozen deep copy, made only when a KL term is used. Either way the
+reference is the model RL starts from: after a LoRA warm-start, :meth:`ModelBundle.restart_adapter`
+merges the warm-start adapter into the base weights and starts a fresh one. The critic is built by
+:mod:`searchrl.training.critic`. RL forward passes run without dropout (:func:`disable_dropout`),
+so the PPO ratio is exactly 1 before the first update.
 
 Left out: FSDP/DeepSpeed sharding (see the README's scaling notes) and 8-bit optimisers.
 """
@@ -12,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from searchrl.models import amp_context, amp_dtype, load_model, resolve_device
-from searchrl.training.batch import ValueModel
 from searchrl.training.config import ModelConfig
+from searchrl.training.critic import ValueModel, make_critic
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,62 @@ class ModelBundle:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
+    def restart_adapter(self) -> dict[str, torch.Tensor]:
+        """LoRA: fold the adapter into the base weights and start a fresh (zero) adapter.
+
+        After a LoRA warm-start the adapter-disabled base would be the model *before* the
+        warm-start; folding it in makes the reference (adapters disabled) the model RL starts
+        from. Parameters keep their identity (optimisers and generators stay valid). Returns the
+        merged base weights of the adapted layers, to save beside the run (LoRA checkpoints hold
+        adapters only). Without LoRA: nothing to do, returns ``{}``.
+        """
+        if not self.uses_lora:
+            return {}
+        self.policy.merge_adapter()
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()  # the adapter's delta is now 0 ...
+        self.policy.unmerge_adapter()  # ... so unmerging subtracts nothing: the base keeps the merge
+        return {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters()
+                if "base_layer" in n}
+
+
+def save_base_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Write merged base weights (see :meth:`ModelBundle.restart_adapter`) atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(weights, str(tmp))
+    tmp.replace(path)
+
+
+def load_base_weights(policy: torch.nn.Module, path: Path) -> None:
+    """Copy merged base weights saved by :func:`save_base_weights` into ``policy``."""
+    from safetensors.torch import load_file
+
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(str(path)).items():
+            if n not in params:
+                from searchrl.errors import SearchRLError
+
+                raise SearchRLError(f"{path}: weight {n} is not in the model (another model or LoRA setting?)")
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def disable_dropout(module: torch.nn.Module | None) -> None:
+    """Set every dropout of ``module`` to 0: ``nn.Dropout`` layers (LoRA dropout included) and the
+    ``attention_dropout`` rates attention layers read in training mode. Train/eval mode then no
+    longer changes the function the model computes, which RL log-probs rely on."""
+    if module is None:
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
@@ -76,18 +136,6 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
-
-
-def make_critic(policy_base: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> ValueModel:
-    if cfg.critic_name:
-        base, _ = load_model(cfg.critic_name, dtype=cfg.dtype, device=str(device))
-    else:
-        base = copy.deepcopy(policy_base)
-    backbone = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    critic = ValueModel(backbone, base.config.hidden_size).to(device)
-    for p in critic.parameters():
-        p.requires_grad_(True)
-    return critic
 
 
 def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,

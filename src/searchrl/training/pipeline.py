@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from searchrl.config import save_yaml_config, to_dict
+from searchrl.config import to_dict
 from searchrl.errors import SearchRLError
 from searchrl.training.config import TrainConfig
 from searchrl.types import QAExample
 
 log = logging.getLogger(__name__)
+
+WARMSTART_BASE = "warmstart_base.safetensors"  # LoRA: base weights with the warm-start adapter merged
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -111,7 +114,7 @@ def bm25_over(corpus_path: str | Path) -> Any:
 def _evaluate(cfg: TrainConfig, examples, generator, retriever, tokenizer, out: Path, name: str) -> dict:
     from searchrl.eval.runner import evaluate
 
-    metrics, trajs = evaluate(examples, generator, retriever, tokenizer, cfg.eval_rollout,
+    metrics, trajs = evaluate(examples, generator, retriever, tokenizer, cfg.eval_rollout_config,
                               method=cfg.method, batch_size=cfg.rollout_batch_size, progress=True)
     _write_json(out / f"{name}.json", metrics)
     with open(out / f"{name}_trajectories.jsonl", "w") as f:
@@ -149,8 +152,15 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
                        cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp)
     _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
-    if models.reference is not None:  # the reference is the model RL starts from
+    # The reference is the model RL starts from: a copy of the warm-started weights, or (LoRA) the
+    # base with the warm-start adapter folded in, saved since LoRA checkpoints hold adapters only.
+    if models.reference is not None:
         models.reference.load_state_dict(models.policy.state_dict())
+    merged = models.restart_adapter()
+    if merged:
+        from searchrl.training.models import save_base_weights
+
+        save_base_weights(merged, out / WARMSTART_BASE)
 
 
 def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever, out: Path) -> None:
@@ -191,7 +201,7 @@ def export_model(models, path: Path) -> Path:
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content."""
     from searchrl.training.checkpoint import list_checkpoints
-    from searchrl.training.models import build_models
+    from searchrl.training.models import build_models, load_base_weights
     from searchrl.training.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -199,7 +209,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     if out.exists() and any(out.iterdir()) and not resume:
         raise SearchRLError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml_config(cfg, out / "config.yaml")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -209,6 +219,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     tok = models.tokenizer
     generator = models.generator()
     trainer = Trainer(cfg, models, retriever, train, generator=generator)
+    if resume and models.uses_lora and (out / WARMSTART_BASE).exists():
+        load_base_weights(models.policy, out / WARMSTART_BASE)
     resumed = resume and trainer.resume()
 
     if not resumed and cfg.warmstart.steps > 0:

@@ -29,14 +29,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from searchrl.algos.advantages import apply_kl_penalty, compute_advantages, masked_mean, place_outcome_reward
+from searchrl.algos.advantages import apply_kl_penalty, compute_advantages, place_outcome_reward
+from searchrl.algos.common import masked_mean
 from searchrl.algos.losses import aggregate, kl_loss, kl_penalty, policy_loss, value_loss
+from searchrl.errors import SearchRLError
 from searchrl.rewards import RewardConfig, compute_reward, exact_match
 from searchrl.rollout.loop import RolloutStats, run_rollouts
 from searchrl.training.batch import TokenBatch, collate, micro_batches, response_logprobs
 from searchrl.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from searchrl.training.config import TrainConfig
-from searchrl.training.models import ModelBundle
+from searchrl.training.models import ModelBundle, disable_dropout
 from searchrl.training.monitor import MetricsLogger, peak_memory_mb
 from searchrl.types import QAExample, Trajectory
 
@@ -72,6 +74,10 @@ class DataSampler:
         self.epoch, self.pos = s["epoch"], s["pos"]
 
 
+class NonFiniteError(SearchRLError):
+    """Too many optimizer steps in a row were skipped for a non-finite loss or gradient."""
+
+
 @dataclasses.dataclass
 class Prepared:
     """Per-step training data, ``[N, R]`` over response tokens (R = the step's longest response)."""
@@ -83,10 +89,21 @@ class Prepared:
     advantages: torch.Tensor
     returns: torch.Tensor
     rewards: torch.Tensor  # [N]
+    sampler_logprobs: torch.Tensor | None = None  # what the generator reported, 0 on inserted tokens
+    sampled_mask: torch.Tensor | None = None  # 1 on sampled tokens (the loss mask)
 
 
 def _warmup_lambda(warmup: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _sampler_logprobs(trajs: list[Trajectory], R: int) -> torch.Tensor:
+    """The generator's per-token log-probs of each trajectory, right-padded: ``[N, R]``."""
+    out = torch.zeros(len(trajs), R)
+    for i, t in enumerate(trajs):
+        if t.sampler_logprobs:
+            out[i, : len(t.sampler_logprobs)] = torch.tensor(t.sampler_logprobs, dtype=torch.float32)
+    return out
 
 
 class Trainer:
@@ -112,8 +129,15 @@ class Trainer:
                 self.critic_optimizer, _warmup_lambda(oc.critic_warmup_steps))
         self.reward_cfg = RewardConfig(kind=cfg.algo.reward)
         self.step_idx = 0
+        self.nonfinite_in_a_row = 0
         self.logger = MetricsLogger(self.run_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Log-probs, the PPO ratio, the KL and the entropy all refer to the distribution the
+        # rollouts sampled from: softmax(logits / T) (T = 1 for greedy rollouts, as the sampler).
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        if cfg.rollout.top_p < 1.0:
+            log.warning("rollout.top_p=%s: the trainer's log-probs (PPO ratio, KL, entropy) use the whole "
+                        "temperature-scaled distribution, not the top-p truncated one", cfg.rollout.top_p)
 
     # ------------------------------------------------------------------ stages
     def rollout(self, examples: list[QAExample], stats: RolloutStats) -> list[Trajectory]:
@@ -133,8 +157,29 @@ class Trainer:
     def _loss_mask(self, batch: TokenBatch) -> torch.Tensor:
         return batch.loss_mask if self.cfg.algo.mask_retrieved else batch.response_mask
 
+    def _rl_mode(self) -> None:
+        """No dropout in any RL forward pass (old, reference, new, values), whatever the module mode."""
+        for m in (self.models.policy, self.models.reference, self.models.critic):
+            disable_dropout(m)
+
+    def _plan(self, n: int, epoch: int) -> list[list[list[int]]]:
+        """Epoch ``epoch``'s mini-batches, each a list of micro-batches of row indices."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_idx * 101 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        return [micro_batches(mini, self.cfg.micro_batch_size)
+                for mini in micro_batches(order, self.cfg.mini_batch_size)]
+
+    def _logprobs(self, model: torch.nn.Module, b: TokenBatch, **kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_logprobs(model, b, temperature=self.temperature, mask=self._loss_mask(b), **kw)
+
     @torch.no_grad()
     def prepare(self, trajs: list[Trajectory], rewards: torch.Tensor) -> Prepared:
+        """Old / reference log-probs and values (no grad), then advantages and returns.
+
+        The forward passes use the micro-batches of the update's first epoch, so the old log-probs
+        are computed on exactly the tensors the update will see (the ratio starts at exactly 1).
+        """
+        self._rl_mode()
         full = collate(trajs, self.pad_id)
         N, R = full.response_ids.shape
         mask = self._loss_mask(full)  # [N, R]
@@ -145,31 +190,23 @@ class Trainer:
         on_policy = self.cfg.ppo_epochs == 1 and self.cfg.mini_batch_size >= N and not (ref is not None and a.kl_in_reward)
         old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
-        dev = self.models.device
-        for rows in micro_batches(list(range(N)), self.cfg.micro_batch_size):
-            b = collate([trajs[i] for i in rows], self.pad_id).to(dev)
+        for rows in (rows for mini in self._plan(N, 0) for rows in mini):
+            b = collate([trajs[i] for i in rows], self.pad_id).to(self.models.device)
             r = b.response_ids.shape[1]
             if old is not None:
-                old[rows, :r] = response_logprobs(self.models.policy, b)[0].cpu()
+                old[rows, :r] = self._logprobs(self.models.policy, b)[0].cpu()
             if ref is not None:
                 with self.models.reference_mode() as ref_model:
-                    ref[rows, :r] = response_logprobs(ref_model, b)[0].cpu()
+                    ref[rows, :r] = self._logprobs(ref_model, b)[0].cpu()
             if values is not None:
                 values[rows, :r] = self.models.critic(b).float().cpu()
-        options: dict[str, Any] = {}
-        if a.estimator == "grpo":
-            options["norm_by_std"] = a.norm_by_std
-        if a.estimator == "gae":
-            options.update(gamma=a.gamma, lam=a.lam)
-        if a.estimator in ("reinforce++", "reinforce_plus_plus"):
-            options["gamma"] = a.gamma
         signal: dict[str, torch.Tensor] = {"rewards": rewards}  # placed on the last sampled token as needed
         if ref is not None and a.kl_in_reward:
             kl = kl_penalty(old, ref, a.kl_estimator)  # [N, R]
             signal = {"token_rewards": apply_kl_penalty(place_outcome_reward(rewards, mask), kl, a.kl_coef, mask)}
         groups = [i // a.group_size for i in range(N)]  # rollouts come ordered by example, then sample
-        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, **signal, **options)
-        return Prepared(mask, old, ref, values, adv, ret, rewards)
+        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, config=a, **signal)
+        return Prepared(mask, old, ref, values, adv, ret, rewards, _sampler_logprobs(trajs, R), full.loss_mask)
 
     def _normalizer(self, mask: torch.Tensor) -> float:
         if self.cfg.algo.loss_agg == "token-mean":
@@ -177,21 +214,20 @@ class Trainer:
         return float((mask.sum(dim=1) > 0).sum().clamp(min=1))
 
     def update(self, trajs: list[Trajectory], prep: Prepared) -> dict[str, float]:
-        cfg, a = self.cfg, self.cfg.algo
-        policy, critic = self.models.policy, self.models.critic
-        policy.train()
-        N = len(trajs)
+        """``ppo_epochs`` passes of mini-batch optimizer steps; returns the mean of their metrics."""
+        self._rl_mode()
+        self.models.policy.train()
         sums: dict[str, float] = {}
-        n_updates = 0
-        dev = self.models.device
-        for epoch in range(cfg.ppo_epochs):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_idx * 101 + epoch)
-            order = torch.randperm(N, generator=g).tolist()
-            for mini in micro_batches(order, cfg.mini_batch_size):
-                norm = self._normalizer(prep.mask[mini])
-                stats = self._accumulate(trajs, prep, mini, norm, dev)
-                gn = self._optimizer_step()
-                stats["grad_norm"] = gn
+        n_updates = skipped = 0
+        drift = [0.0, 0.0]  # sum of |sampler - trainer| log-prob, sampled tokens
+        for epoch in range(self.cfg.ppo_epochs):
+            for mini in self._plan(len(trajs), epoch):
+                rows = [i for micro in mini for i in micro]
+                stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
+                                         drift if epoch == 0 else None)
+                norms, bad = self._optimizer_step()
+                stats.update(norms)
+                skipped += self._check_finite(bad, stats)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
@@ -199,20 +235,47 @@ class Trainer:
         if self.critic_scheduler is not None:
             self.critic_scheduler.step()
         if self.sync_weights is not None:
-            self.sync_weights(policy)
-        return {k: v / max(n_updates, 1) for k, v in sums.items()}
+            self.sync_weights(self.models.policy)
+        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        out["skipped_updates"] = float(skipped)
+        if prep.old_logprobs is None:
+            out["logprob_drift"] = drift[0] / max(drift[1], 1.0)
+        else:
+            out["logprob_drift"] = self._drift(prep.old_logprobs, prep)
+        return out
 
-    def _accumulate(self, trajs, prep: Prepared, mini: list[int], norm: float, dev) -> dict[str, float]:
+    @staticmethod
+    def _drift(trainer_logprobs: torch.Tensor, prep: Prepared) -> float:
+        """Mean |sampler log-prob - trainer log-prob| over sampled tokens (how far generation and
+        training numerics disagree; large values mean the PPO ratio is off before any update)."""
+        if prep.sampler_logprobs is None or prep.sampled_mask is None:
+            return float("nan")
+        r = trainer_logprobs.shape[1]
+        m = prep.sampled_mask[:, :r]
+        return masked_mean((prep.sampler_logprobs[:, :r] - trainer_logprobs).abs(), m).item()
+
+    def _accumulate(self, trajs, prep: Prepared, mini: list[list[int]], norm: float,
+                    drift: list[float] | None = None) -> dict[str, float]:
         """Forward/backward over the micro-batches of one mini-batch; returns mini-batch metrics."""
-        cfg, a = self.cfg, self.cfg.algo
+        a = self.cfg.algo
+        dev = self.models.device
+        total = max(float(prep.mask[[i for micro in mini for i in micro]].sum()), 1.0)
         out: dict[str, float] = {}
-        for rows in micro_batches(mini, cfg.micro_batch_size):
+        for rows in mini:
             b = collate([trajs[i] for i in rows], self.pad_id).to(dev)
             r = b.response_ids.shape[1]
             m = prep.mask[rows, :r].to(dev)
-            w = float(m.sum()) / max(float(prep.mask[mini].sum()), 1.0)  # share of the mini-batch's tokens
-            logp, ent = response_logprobs(self.models.policy, b, with_entropy=True, entropy_grad=a.entropy_coef > 0)
-            old = logp.detach() if prep.old_logprobs is None else prep.old_logprobs[rows, :r].to(dev)
+            w = float(m.sum()) / total  # share of the mini-batch's tokens
+            logp, ent = self._logprobs(self.models.policy, b, with_entropy=True, entropy_grad=a.entropy_coef > 0)
+            if prep.old_logprobs is None:
+                old = logp.detach()
+                if drift is not None and prep.sampler_logprobs is not None:
+                    sm = prep.sampled_mask[rows, :r].to(dev).bool()
+                    diff = (prep.sampler_logprobs[rows, :r].to(dev) - old).abs()
+                    drift[0] += float(torch.where(sm, diff, torch.zeros_like(diff)).sum())
+                    drift[1] += float(sm.sum())
+            else:
+                old = prep.old_logprobs[rows, :r].to(dev)
             pl, pm = policy_loss(logp, old, prep.advantages[rows, :r].to(dev), m,
                                  clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip,
                                  agg=a.loss_agg, normalizer=norm)
@@ -238,21 +301,39 @@ class Trainer:
                 out[k] = out.get(k, 0.0) + share * float(val)
         return out
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> tuple[dict[str, float], list[str]]:
+        """Clip and apply the accumulated gradients of the policy and the critic, each skipped when
+        its gradient norm is not finite. Returns the norms and what was skipped."""
         clip = self.cfg.optim.grad_clip
-        params = self.models.trainable_parameters()
-        gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if torch.isfinite(gn):
-            self.optimizer.step()
-        else:
-            log.warning("step %d: non-finite gradient norm, update skipped", self.step_idx)
-        self.optimizer.zero_grad(set_to_none=True)
+        limit = clip if clip > 0 else float("inf")
+        norms: dict[str, float] = {}
+        bad: list[str] = []
+        parts = [("grad_norm", "policy", self.models.trainable_parameters(), self.optimizer)]
         if self.critic_optimizer is not None:
-            cparams = list(self.models.critic.parameters())
-            torch.nn.utils.clip_grad_norm_(cparams, clip if clip > 0 else float("inf"))
-            self.critic_optimizer.step()
-            self.critic_optimizer.zero_grad(set_to_none=True)
-        return float(gn)
+            parts.append(("critic_grad_norm", "critic", list(self.models.critic.parameters()), self.critic_optimizer))
+        for key, name, params, opt in parts:
+            gn = torch.nn.utils.clip_grad_norm_(params, limit)
+            norms[key] = float(gn)
+            if torch.isfinite(gn):
+                opt.step()
+            else:
+                bad.append(f"{name} gradient norm")
+            opt.zero_grad(set_to_none=True)
+        return norms, bad
+
+    def _check_finite(self, bad: list[str], stats: dict[str, float]) -> int:
+        """Count a skipped optimizer step; stop the run after ``optim.nonfinite_patience`` in a row."""
+        if not bad:
+            self.nonfinite_in_a_row = 0
+            return 0
+        self.nonfinite_in_a_row += 1
+        losses = [f"{k}={v}" for k, v in stats.items() if not math.isfinite(v)]
+        what = ", ".join(bad + losses)
+        log.warning("step %d: update skipped, non-finite %s", self.step_idx + 1, what)
+        if self.nonfinite_in_a_row >= self.cfg.optim.nonfinite_patience:
+            raise NonFiniteError(f"step {self.step_idx + 1}: {self.nonfinite_in_a_row} optimizer steps in a row "
+                                 f"skipped for non-finite values ({what}); stopping (the last checkpoint is intact)")
+        return 1
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
