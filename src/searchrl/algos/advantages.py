@@ -266,6 +266,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 1.0,
     whiten: bool = True,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the ``mask == 1`` tokens only.
 
@@ -282,6 +283,7 @@ def gae(
         mask: ``[B, T]``.
         gamma, lam: discount and GAE lambda (the paper: 1.0 and 1.0).
         whiten: whiten the advantages over the batch's selected tokens (veRL and the paper do).
+        reduce: sums over processes (see :func:`masked_whiten`), so whitening uses every rank's tokens.
 
     Returns ``(advantages, returns)`` ``[B, T]``, with ``returns = raw advantages + values`` (the
     critic target, never whitened); both zero where ``mask == 0``.
@@ -300,13 +302,14 @@ def gae(
     adv = torch.where(m, adv, zero)
     returns = torch.where(m, adv + v, zero)
     if whiten:
-        adv = masked_whiten(adv, m)
+        adv = masked_whiten(adv, m, reduce=reduce)
     return adv, returns
 
 
 @register_advantage("reinforce_plus_plus")
 def reinforce_plus_plus(
-    token_rewards: Tensor, mask: Tensor, gamma: float = 1.0
+    token_rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++: discounted reward-to-go over selected tokens, then whitened over the batch.
 
@@ -317,7 +320,7 @@ def reinforce_plus_plus(
     if token_rewards.dim() == 1:
         token_rewards = place_outcome_reward(token_rewards, m)
     returns = discounted_returns(token_rewards, m, gamma)  # [B, T]
-    return masked_whiten(returns, m), returns
+    return masked_whiten(returns, m, reduce=reduce), returns
 
 
 # --------------------------------------------------------------------------- uniform entry point
@@ -332,6 +335,7 @@ def compute_advantages(
     values: Tensor | None = None,
     group_ids: Any = None,
     config: Any = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
     **options: Any,
 ) -> tuple[Tensor, Tensor]:
     """Call estimator ``name`` with whatever it needs, so a trainer needs no per-estimator code.
@@ -341,7 +345,9 @@ def compute_advantages(
     ``rewards`` placed on the last selected token. ``options`` are the estimator's own keyword
     arguments (``gamma``, ``lam``, ``norm_by_std``...); unknown ones raise ConfigError. With
     ``config`` (any object, e.g. the algo config), each keyword argument of the estimator that is
-    not given takes the attribute of the same name where ``config`` has one.
+    not given takes the attribute of the same name where ``config`` has one. ``reduce`` (a sum over
+    processes) goes to the estimators that compute batch statistics (those with a ``reduce``
+    argument); the others are per row or per group and need none.
 
     >>> from types import SimpleNamespace
     >>> m = torch.ones(2, 1)
@@ -351,8 +357,10 @@ def compute_advantages(
     """
     fn = get_advantage_estimator(name)
     params = inspect.signature(fn).parameters
+    if reduce is not None and "reduce" in params:
+        options = {**options, "reduce": reduce}
     if config is not None:
-        data = {"mask", "rewards", "token_rewards", "values", "group_ids"}
+        data = {"mask", "rewards", "token_rewards", "values", "group_ids", "reduce"}
         taken = {k: getattr(config, k) for k in params if k not in data and k not in options and hasattr(config, k)}
         options = {**taken, **options}
     m = mask.bool()

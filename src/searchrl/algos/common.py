@@ -7,7 +7,7 @@ anything that knows about models, tokens or configs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -61,11 +61,23 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sq / denom.clamp_min(1).to(sq.dtype)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` with statistics over ``mask == 1`` (unbiased variance);
-    ``shift_mean=False`` adds the mean back (scale only). Zero where ``mask == 0``."""
+    ``shift_mean=False`` adds the mean back (scale only). Zero where ``mask == 0``.
+
+    ``reduce`` sums a tensor over the processes that share the batch (e.g. ``Dist.sum``): the
+    statistics are then those of the union of every process's selected elements.
+    """
     m = _check_mask(x, mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    if reduce is None:
+        mean, var = masked_mean(x, m), masked_var(x, m)
+    else:
+        xs = torch.where(m, x, torch.zeros_like(x)).double()
+        n, s1, s2 = reduce(torch.stack([m.sum().double(), xs.sum(), (xs * xs).sum()])).tolist()
+        mean_d = s1 / max(n, 1.0)
+        var_d = max(s2 - n * mean_d * mean_d, 0.0) / max(n - 1.0, 1.0)
+        mean, var = torch.tensor(mean_d, dtype=x.dtype), torch.tensor(var_d, dtype=x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

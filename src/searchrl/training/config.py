@@ -17,6 +17,7 @@ from searchrl.errors import ConfigError
 from searchrl.models import AMP_MODES
 from searchrl.rewards import REWARD_KINDS
 from searchrl.rollout.loop import RolloutConfig
+from searchrl.training.distributed import STRATEGIES
 
 
 # The embedded CPU default's rollout budgets: short turns and a short context keep a 2-core run in
@@ -151,6 +152,17 @@ class WarmStartConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = field(default="fsdp", metadata=_h("with several processes (torchrun / --nproc): fsdp (FSDP2 shards of policy, reference, critic) | replicate (a whole copy per rank, gradients all-reduced; for LoRA and small models)"))
+    cpu_offload: bool = field(default=False, metadata=_h("fsdp: keep parameter shards and optimizer state in CPU memory"))
+    timeout_s: float = field(default=1800.0, metadata=_h("seconds a rank waits in a collective before the job fails (a dead rank ends the job instead of hanging it)"))
+
+    def __post_init__(self) -> None:
+        check(self.strategy in STRATEGIES, "parallel.strategy", f"one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+
+
+@dataclass
 class TrainConfig:
     out: str = field(default="runs/default", metadata=_h("run directory (config, metrics, checkpoints, report)"))
     seed: int = field(default=0, metadata=_h("seed for data order, sampling and initialisation"))
@@ -174,6 +186,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", "must be >= 0")

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import logging
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from searchrl.models import amp_context, amp_dtype, load_model, resolve_device
 from searchrl.training.config import ModelConfig
 from searchrl.training.critic import ValueModel, make_critic
+from searchrl.training.distributed import Dist, full_parameters, shard
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,26 @@ class ModelBundle:
     device: torch.device
     amp: torch.dtype | None = None  # half-precision compute (training: autocast; generation: HFGenerator)
     amp_copy: bool = True  # generation in ``amp`` on a copy of the weights (HFGenerator's amp_copy)
+    dist: Dist = field(default_factory=Dist)
+    gen_model: torch.nn.Module | None = None  # FSDP: an unsharded local copy that generates
 
     def generator(self) -> Any:
-        """An :class:`~searchrl.rollout.hf.HFGenerator` over the policy, with these precision settings."""
+        """An :class:`~searchrl.rollout.hf.HFGenerator` over the policy (under FSDP, over its local
+        unsharded copy), with these precision settings."""
         from searchrl.rollout.hf import HFGenerator
 
-        return HFGenerator(self.policy, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
+        model = self.gen_model if self.gen_model is not None else self.policy
+        return HFGenerator(model, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
+
+    def sync_generation_copy(self) -> None:
+        """FSDP: refresh the generation copy from the policy's shards (a collective: every rank
+        calls it at the same point). A no-op when the policy itself generates."""
+        if self.gen_model is None:
+            return
+        params = dict(self.gen_model.named_parameters())
+        with torch.no_grad():
+            for name, full in full_parameters(self.policy):
+                params[name].copy_(full)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for forward passes (see :func:`searchrl.models.amp_dtype`)."""
@@ -139,8 +154,14 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
-                 model: torch.nn.Module | None = None, tokenizer: Any = None) -> ModelBundle:
-    """Load (or take) the policy and build what the algorithm needs around it."""
+                 model: torch.nn.Module | None = None, tokenizer: Any = None,
+                 dist: Dist | None = None, parallel: Any = None) -> ModelBundle:
+    """Load (or take) the policy and build what the algorithm needs around it.
+
+    With several processes and ``parallel.strategy == "fsdp"`` the policy, reference and critic are
+    sharded with FSDP2 after an unsharded generation copy of the policy is taken.
+    """
+    dist = dist or Dist()
     device = resolve_device(cfg.device)
     if model is None:
         model, tokenizer = load_model(cfg.name, dtype=cfg.dtype, device=str(device))
@@ -164,7 +185,16 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
     compute = "bf16 (autocast in training, a bf16 weight copy in generation)" if amp is not None else cfg.dtype
     log.info("policy: %.1fM trainable parameters%s; compute: %s", n_train / 1e6, " (LoRA)" if uses_lora else "",
              compute)
-    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp, cfg.amp_copy)
+    gen_model = None
+    if dist.enabled and (parallel is None or parallel.strategy == "fsdp"):
+        gen_model = copy.deepcopy(model).eval()
+        for p in gen_model.parameters():
+            p.requires_grad_(False)
+        offload = bool(parallel and parallel.cpu_offload)
+        for m in (model, reference, critic):
+            if m is not None:
+                shard(m, amp, offload)
+    return ModelBundle(model, tokenizer, reference, critic, uses_lora, device, amp, cfg.amp_copy, dist, gen_model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -38,6 +38,8 @@ from searchrl.rollout.loop import RolloutStats, run_rollouts
 from searchrl.training.batch import TokenBatch, collate, micro_batches, response_logprobs
 from searchrl.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from searchrl.training.config import TrainConfig
+from searchrl.training.distributed import (GatheredWeights, all_reduce_grads, clip_grad_norm, full_optimizer_state,
+                                           is_sharded, load_full_optimizer_state, load_full_weights)
 from searchrl.training.models import ModelBundle, disable_dropout
 from searchrl.training.monitor import MetricsLogger, peak_memory_mb
 from searchrl.types import QAExample, Trajectory
@@ -72,6 +74,16 @@ class DataSampler:
 
     def load_state_dict(self, s: dict[str, int]) -> None:
         self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+class _Silent:
+    """The metrics logger of ranks other than 0: they compute metrics, rank 0 writes them."""
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 class NonFiniteError(SearchRLError):
@@ -130,7 +142,9 @@ class Trainer:
         self.reward_cfg = RewardConfig(kind=cfg.algo.reward)
         self.step_idx = 0
         self.nonfinite_in_a_row = 0
-        self.logger = MetricsLogger(self.run_dir)
+        self.dist = models.dist
+        self.sharded = is_sharded(models.policy)
+        self.logger = MetricsLogger(self.run_dir) if self.dist.main else _Silent()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Log-probs, the PPO ratio, the KL and the entropy all refer to the distribution the
         # rollouts sampled from: softmax(logits / T) (T = 1 for greedy rollouts, as the sampler).
@@ -141,7 +155,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def rollout(self, examples: list[QAExample], stats: RolloutStats) -> list[Trajectory]:
-        rcfg = dataclasses.replace(self.cfg.rollout, seed=self.cfg.seed * 1_000_003 + self.step_idx * 7_919)
+        seed = self.cfg.seed * 1_000_003 + self.step_idx * 7_919 + self.dist.rank * 104_729
+        rcfg = dataclasses.replace(self.cfg.rollout, seed=seed)
         trajs = run_rollouts(examples, self.generator, self.retriever, self.tokenizer, rcfg,
                              n_samples=self.cfg.algo.group_size, batch_size=self.cfg.rollout_batch_size,
                              method=self.cfg.method, stats=stats, progress=False)
@@ -167,10 +182,17 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_idx * 101 + epoch)
         order = torch.randperm(n, generator=g).tolist()
         return [micro_batches(mini, self.cfg.micro_batch_size)
-                for mini in micro_batches(order, self.cfg.mini_batch_size)]
+                for mini in micro_batches(order, self._local_mini_batch)]
+
+    @property
+    def _local_mini_batch(self) -> int:
+        """Rows of one mini-batch on this rank (``mini_batch_size`` counts every rank's rows)."""
+        return max(self.cfg.mini_batch_size // self.dist.world, 1)
 
     def _logprobs(self, model: torch.nn.Module, b: TokenBatch, **kw: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return response_logprobs(model, b, temperature=self.temperature, mask=self._loss_mask(b), **kw)
+        # Under FSDP the root module's forward must run (it gathers the embedding and head shards).
+        return response_logprobs(model, b, temperature=self.temperature, mask=self._loss_mask(b),
+                                 head_only=not self.sharded, **kw)
 
     @torch.no_grad()
     def prepare(self, trajs: list[Trajectory], rewards: torch.Tensor) -> Prepared:
@@ -187,7 +209,7 @@ class Trainer:
         ref = torch.zeros(N, R) if self.models.has_reference and a.kl_coef > 0 else None
         # With one epoch over one mini-batch the policy has not moved when the loss is computed, so
         # the old log-probs equal the update's own (detached): skip a full forward pass.
-        on_policy = self.cfg.ppo_epochs == 1 and self.cfg.mini_batch_size >= N and not (ref is not None and a.kl_in_reward)
+        on_policy = self.cfg.ppo_epochs == 1 and self._local_mini_batch >= N and not (ref is not None and a.kl_in_reward)
         old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
         for rows in (rows for mini in self._plan(N, 0) for rows in mini):
@@ -205,13 +227,18 @@ class Trainer:
             kl = kl_penalty(old, ref, a.kl_estimator)  # [N, R]
             signal = {"token_rewards": apply_kl_penalty(place_outcome_reward(rewards, mask), kl, a.kl_coef, mask)}
         groups = [i // a.group_size for i in range(N)]  # rollouts come ordered by example, then sample
-        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, config=a, **signal)
+        reduce = self.dist.sum if self.dist.enabled else None  # batch statistics over every rank's rows
+        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, config=a,
+                                      reduce=reduce, **signal)
         return Prepared(mask, old, ref, values, adv, ret, rewards, _sampler_logprobs(trajs, R), full.loss_mask)
 
     def _normalizer(self, mask: torch.Tensor) -> float:
+        """The loss denominator of a mini-batch: its tokens (or rows) on every rank together."""
         if self.cfg.algo.loss_agg == "token-mean":
-            return float(mask.sum().clamp(min=1.0))
-        return float((mask.sum(dim=1) > 0).sum().clamp(min=1))
+            local = float(mask.sum())
+        else:
+            local = float((mask.sum(dim=1) > 0).sum())
+        return max(self.dist.sum_floats(local)[0], 1.0)
 
     def update(self, trajs: list[Trajectory], prep: Prepared) -> dict[str, float]:
         """``ppo_epochs`` passes of mini-batch optimizer steps; returns the mean of their metrics."""
@@ -225,6 +252,8 @@ class Trainer:
                 rows = [i for micro in mini for i in micro]
                 stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
                                          drift if epoch == 0 else None)
+                if self.dist.enabled and not self.sharded:  # replicate: sum the gradients over ranks
+                    all_reduce_grads(self._all_trainable(), self.dist)
                 norms, bad = self._optimizer_step()
                 stats.update(norms)
                 skipped += self._check_finite(bad, stats)
@@ -243,6 +272,10 @@ class Trainer:
         else:
             out["logprob_drift"] = self._drift(prep.old_logprobs, prep)
         return out
+
+    def _all_trainable(self) -> list[torch.nn.Parameter]:
+        critic = list(self.models.critic.parameters()) if self.models.critic is not None else []
+        return self.models.trainable_parameters() + critic
 
     @staticmethod
     def _drift(trainer_logprobs: torch.Tensor, prep: Prepared) -> float:
@@ -312,9 +345,9 @@ class Trainer:
         if self.critic_optimizer is not None:
             parts.append(("critic_grad_norm", "critic", list(self.models.critic.parameters()), self.critic_optimizer))
         for key, name, params, opt in parts:
-            gn = torch.nn.utils.clip_grad_norm_(params, limit)
-            norms[key] = float(gn)
-            if torch.isfinite(gn):
+            gn = clip_grad_norm(params, limit, self.dist)
+            norms[key] = gn
+            if math.isfinite(gn):
                 opt.step()
             else:
                 bad.append(f"{name} gradient norm")
@@ -339,6 +372,8 @@ class Trainer:
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         examples = [self.train_examples[i] for i in self.sampler.next(self.cfg.prompts_per_step)]
+        examples = self.dist.share(examples)  # the same draw on every rank; each rolls out its share
+        self.models.sync_generation_copy()  # FSDP: the generation copy follows the shards
         stats = RolloutStats()
         trajs = self.rollout(examples, stats)
         t1 = time.perf_counter()
@@ -368,24 +403,68 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(),
             **upd,
         }
+        metrics = self._across_ranks(metrics)
         self.last_trajectories = trajs
         self.logger.log(metrics)
         return metrics
 
+    def _across_ranks(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics of the whole step: counts summed over ranks, everything else averaged."""
+        if not self.dist.enabled:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step")
+        totals = self.dist.sum_floats(*(float(metrics[k]) for k in keys))
+        for k, v in zip(keys, totals):
+            metrics[k] = v if k in ("sampled_tokens", "skipped_updates") else v / self.dist.world
+        return metrics
+
     # ------------------------------------------------------------------ checkpoints
+    def _optimizer_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Any:
+        return full_optimizer_state(model, opt) if self.sharded else opt.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
-        s = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-             "sampler": self.sampler.state_dict(), "step": self.step_idx}
+        """Optimizer, scheduler and sampler states (under FSDP gathered in full: a collective)."""
+        s = {"optimizer": self._optimizer_state(self.models.policy, self.optimizer),
+             "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "step": self.step_idx,
+             "optimizer_format": "full" if self.sharded else "torch", "world_size": self.dist.world}
         if self.critic_optimizer is not None:
-            s["critic_optimizer"] = self.critic_optimizer.state_dict()
+            s["critic_optimizer"] = self._optimizer_state(self.models.critic, self.critic_optimizer)
             s["critic_scheduler"] = self.critic_scheduler.state_dict()
         return s
 
     def save(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step_idx, self.models.policy, self.models.critic,
-                               self.state_dict(), keep=self.cfg.keep_checkpoints)
-        log.info("checkpoint written: %s", path)
+        """Write a checkpoint (rank 0 writes; under FSDP every rank helps gather it first)."""
+        policy, critic = self.models.policy, self.models.critic
+        if self.sharded:
+            policy = GatheredWeights(policy)
+            critic = GatheredWeights(critic) if critic is not None else None
+        state = self.state_dict()
+        path = self.run_dir / "checkpoints" / f"step-{self.step_idx:06d}"
+        if self.dist.main:
+            path = save_checkpoint(self.run_dir, self.step_idx, policy, critic, state, keep=self.cfg.keep_checkpoints)
+            log.info("checkpoint written: %s", path)
+        self.dist.barrier()
         return path
+
+    def _load(self, path: Path, policy: torch.nn.Module, critic: torch.nn.Module | None) -> dict[str, Any]:
+        """Load a checkpoint's weights into plain or sharded modules; returns its saved state."""
+        if not (self.sharded or (critic is not None and is_sharded(critic))):
+            return load_checkpoint(path, policy, critic)
+        from safetensors.torch import load_file
+
+        load_full_weights(policy, load_file(str(path / "policy.safetensors")))
+        if critic is not None:
+            load_full_weights(critic, load_file(str(path / "critic.safetensors")))
+        return torch.load(path / "state.pt", weights_only=False)
+
+    def _load_optimizer(self, model: torch.nn.Module, opt: torch.optim.Optimizer, state: Any, fmt: str) -> None:
+        if fmt == "full":  # written by a sharded run: keyed by parameter names
+            load_full_optimizer_state(model, opt, state)
+        elif self.sharded:
+            raise SearchRLError("this checkpoint's optimizer state was written by a run without FSDP; "
+                                "resume it with parallel.strategy=replicate or on one process")
+        else:
+            opt.load_state_dict(state)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run directory, if any."""
@@ -393,12 +472,13 @@ class Trainer:
         if not ckpts:
             return False
         if self.models.reference is not None and ckpts[0].name == "step-000000":
-            load_checkpoint(ckpts[0], self.models.reference, None)  # the model RL started from
-        s = load_checkpoint(ckpts[-1], self.models.policy, self.models.critic)
-        self.optimizer.load_state_dict(s["optimizer"])
+            self._load(ckpts[0], self.models.reference, None)  # the model RL started from
+        s = self._load(ckpts[-1], self.models.policy, self.models.critic)
+        fmt = s.get("optimizer_format", "torch")
+        self._load_optimizer(self.models.policy, self.optimizer, s["optimizer"], fmt)
         self.scheduler.load_state_dict(s["scheduler"])
         if self.critic_optimizer is not None:
-            self.critic_optimizer.load_state_dict(s["critic_optimizer"])
+            self._load_optimizer(self.models.critic, self.critic_optimizer, s["critic_optimizer"], fmt)
             self.critic_scheduler.load_state_dict(s["critic_scheduler"])
         self.sampler.load_state_dict(s["sampler"])
         self.step_idx = s["step"]
