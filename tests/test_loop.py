@@ -16,7 +16,7 @@ import pytest
 
 from searchrl.errors import ConfigError
 from searchrl.rewards import compute_reward
-from searchrl.rollout.generator import Completion, SamplingParams
+from searchrl.rollout.engine.protocol import Completion, SamplingParams
 from searchrl.rollout.loop import RolloutConfig, RolloutStats, fit_information, run_rollouts
 from searchrl.rollout.prompts import INVALID_ACTION_FEEDBACK, LAST_TURN_NOTICE, build_prompt
 from searchrl.types import Passage, QAExample
@@ -680,7 +680,7 @@ def _check_hf_trajectory(torch, t, tok, model):
 @pytest.mark.parametrize("schedule", ["continuous", "rounds"])
 def test_end_to_end_with_tiny_random_model(schedule):
     torch = pytest.importorskip("torch")
-    hf = pytest.importorskip("searchrl.rollout.hf")
+    hf = pytest.importorskip("searchrl.rollout.engine.hf")
     models = pytest.importorskip("searchrl.models")
 
     tok = make_tokenizer()

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from searchrl.errors import SearchRLError
-from searchrl.rollout.generator import GenerationStream, SamplingParams, StreamingGenerator
-from searchrl.rollout.hf import HFGenerator, counter_seed, sample_next, sample_rows
+from searchrl.rollout.engine.protocol import GenerationStream, SamplingParams, StreamingGenerator
+from searchrl.rollout.engine.hf import HFGenerator
+from searchrl.rollout.engine.sampling import counter_seed, sample_next, sample_rows
 
 PROMPTS = ["You are a careful assistant. Think, then search or answer.\nQuestion: Who wrote the "
            "novel about the white whale that a one-legged captain hunts at sea?",

@@ -131,7 +131,7 @@ def build_retriever(args: argparse.Namespace) -> Any:
 def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(generator, tokenizer)`` for ``--model`` with ``--backend``, ``--device``, ``--dtype``."""
     from searchrl.models import load_tokenizer, resolve_device
-    from searchrl.rollout.generator import make_generator
+    from searchrl.rollout.engine.factory import make_generator
 
     if args.backend == "vllm":
         return make_generator("vllm", model_path=args.model, dtype=args.dtype), load_tokenizer(args.model)

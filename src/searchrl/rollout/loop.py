@@ -7,7 +7,7 @@ only inserted text (information blocks, corrective feedback) is encoded, with
 ``old_logprobs`` always have one entry per response token.
 
 Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
-can stream and prefers it, see :class:`~searchrl.rollout.generator.StreamingGenerator`: the HF
+can stream and prefers it, see :class:`~searchrl.rollout.engine.protocol.StreamingGenerator`: the HF
 backend on a GPU; else ``rounds``):
 
 - ``continuous``: up to ``batch_size`` trajectories run in one continuous batch. After every
@@ -24,7 +24,7 @@ backend on a GPU; else ``rounds``):
   trajectories free their slot for the next round (refill). The generator takes one
   ``max_new_tokens`` per call, so rows whose budget is cut by the context limit are generated in
   a separate call of the same round. Call ``i`` of a run samples with ``seed + i``. Any
-  :class:`~searchrl.rollout.generator.Generator` works.
+  :class:`~searchrl.rollout.engine.protocol.Generator` works.
 
 Turns and their budget (a trajectory has at most ``max_turns + 1`` model turns):
 
@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from searchrl.errors import ConfigError, SearchRLError
 from searchrl.rewards import extract_answer
-from searchrl.rollout.generator import Completion, Generator, SamplingParams, reset_cache
+from searchrl.rollout.engine.protocol import Completion, Generator, SamplingParams, reset_cache
 from searchrl.rollout.parser import parse_action
 from searchrl.rollout.prompts import (
     INVALID_ACTION_FEEDBACK,

@@ -36,8 +36,8 @@ class ModelBundle:
     amp_copy: bool = True  # generation in ``amp`` on a copy of the weights (HFGenerator's amp_copy)
 
     def generator(self) -> Any:
-        """An :class:`~searchrl.rollout.hf.HFGenerator` over the policy, with these precision settings."""
-        from searchrl.rollout.hf import HFGenerator
+        """An :class:`~searchrl.rollout.engine.hf.HFGenerator` over the policy, with these precision settings."""
+        from searchrl.rollout.engine.hf import HFGenerator
 
         return HFGenerator(self.policy, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
 

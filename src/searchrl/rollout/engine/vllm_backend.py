@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from searchrl.errors import SearchRLError
-from searchrl.rollout.generator import Completion, SamplingParams
+from searchrl.rollout.engine.protocol import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 

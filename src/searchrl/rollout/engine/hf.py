@@ -1,6 +1,6 @@
 """Generation with any Hugging Face causal LM: our own sampling loop over a KV cache.
 
-:class:`HFGenerator` implements :class:`~searchrl.rollout.generator.Generator`:
+:class:`HFGenerator` implements :class:`~searchrl.rollout.engine.protocol.Generator`:
 
 * prompts are left-padded into one batch (or chunks of ``batch_size``, longest first) with an
   attention mask and position ids that count real tokens only, so a padded row computes what it
@@ -27,7 +27,7 @@
 key and join the running decode batch between steps; each step returns the rows that finished,
 so the multi-turn loop can put a trajectory's next turn back as soon as its observation is ready.
 
-**KV reuse** (``kv_reuse=True``, the default; see :mod:`searchrl.rollout.kv_cache`): after a
+**KV reuse** (``kv_reuse=True``, the default; see :mod:`searchrl.rollout.engine.kv_cache`): after a
 call, each returned row's KV (prompt + sampled tokens) is kept; a later prompt that starts with a
 kept row (the multi-turn loop's next turn: the same context plus an inserted observation) only runs
 its new suffix, and any prompt reuses the longest prefix it shares with a kept row (the
@@ -72,8 +72,7 @@ import torch
 
 from searchrl.errors import SearchRLError
 from searchrl.models import amp_context
-from searchrl.rollout.generator import Completion, SamplingParams
-from searchrl.rollout.kv_cache import (
+from searchrl.rollout.engine.kv_cache import (
     KVEntry,
     KVStats,
     KVStore,
@@ -88,6 +87,8 @@ from searchrl.rollout.kv_cache import (
     trim_left,
     weights_fingerprint,
 )
+from searchrl.rollout.engine.protocol import Completion, SamplingParams
+from searchrl.rollout.engine.sampling import SEED_MASK, sample_next, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -129,81 +130,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def sample_next(
-    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row from ``logits`` (b, V); return ``(token_ids (b,), logprobs (b,))``.
-
-    Greedy takes the argmax; otherwise an exponential race: the argmax of ``p_i / E_i`` with
-    ``E_i = -log U_i`` exponential noise (``U`` drawn from ``generator`` in row order), an exact
-    draw from ``p`` (as the Gumbel-max trick) at about half the cost of ``torch.multinomial``
-    over a 49k vocabulary, and one that float noise in ``p`` only changes at a near-exact tie.
-    Log-probs are ``log_softmax(logits / T)`` at the chosen token (``T = 1`` when greedy), taken
-    before top-p truncation (see the module docstring).
-    """
-    if sampling.greedy:
-        return _pick(logits, sampling, None)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device)  # (b, V)
-    return _pick(logits, sampling, u)
-
-
-def sample_rows(
-    logits: torch.Tensor, sampling: SamplingParams, seeds: Sequence[int], counters: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like :func:`sample_next`, but row ``i``'s noise is drawn from a generator seeded with
-    :func:`counter_seed` of its own ``seeds[i]`` and ``counters[i]`` (the index of the token being
-    drawn), so a row's tokens do not depend on which other rows share its batch or when it joined."""
-    if sampling.greedy:
-        return _pick(logits, sampling, None)
-    u = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)  # (b, V)
-    g = torch.Generator(device=logits.device)
-    for i, (seed, counter) in enumerate(zip(seeds, counters)):
-        u[i].uniform_(generator=g.manual_seed(counter_seed(seed, counter)))
-    return _pick(logits, sampling, u)
-
-
-_M64 = (1 << 64) - 1
-
-
-def counter_seed(seed: int, counter: int) -> int:
-    """A 63-bit seed from ``(seed, counter)``: the splitmix64 finaliser of
-    ``seed + (counter + 1) * golden`` (neighbouring counters give unrelated seeds).
-
-    >>> counter_seed(7, 0) == counter_seed(7, 0) != counter_seed(7, 1)
-    True
-    """
-    z = (seed + (counter + 1) * 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return (z ^ (z >> 31)) >> 1
-
-
-def _pick(
-    logits: torch.Tensor, sampling: SamplingParams, u: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token of each row given uniform noise ``u`` (b, V) (the argmax when ``None``) and its
-    log-prob."""
-    logits = logits.float()  # (b, V)
-    if u is None:
-        tokens = logits.argmax(dim=-1)  # (b,)
-        logp = torch.log_softmax(logits, dim=-1)  # (b, V)
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / sampling.temperature, dim=-1)  # (b, V)
-    probs = _nucleus(logp.exp(), sampling.top_p)  # (b, V)
-    tokens = (probs / u.log_().neg_()).argmax(dim=-1)  # (b,): p_i / E_i, E_i = -log U_i
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``probs`` (b, V) with the tokens outside the top-p nucleus set to 0 (the first one stays)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)  # (b, V), (b, V)
-    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
-    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
 class HFGenerator:
@@ -678,7 +604,7 @@ class HFStream:
         self.gen._check([prompt], sampling)
         if seed is None:  # from torch's global generator: torch.manual_seed makes it repeatable
             seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
-        req = _Request(key, list(prompt), int(max_new_tokens), int(seed) & _M64)
+        req = _Request(key, list(prompt), int(max_new_tokens), int(seed) & SEED_MASK)
         self._keys.add(key)
         if req.max_new_tokens == 0:
             req.row.finish_reason = "length"
