@@ -250,8 +250,8 @@ def test_run_rollouts_identical_with_and_without_reuse(tiny_lm, temperature):
         for t_on, t_off in zip(runs[True], runs[False]):
             assert t_on.response_ids == t_off.response_ids
             assert t_on.loss_mask == t_off.loss_mask and t_on.finish_reason == t_off.finish_reason
-            torch.testing.assert_close(torch.tensor(t_on.old_logprobs),
-                                       torch.tensor(t_off.old_logprobs), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(t_on.sampler_logprobs),
+                                       torch.tensor(t_off.sampler_logprobs), atol=1e-4, rtol=0)
         assert [t.num_searches for t in runs[True]] == [n_searches] * 6
         if n_searches:
             assert {t.finish_reason for t in runs[True]} == {"search_on_last_turn"}
@@ -267,7 +267,7 @@ def _same_trajectories(a, b):
     for x, y in zip(a, b, strict=True):
         assert x.response_ids == y.response_ids and x.loss_mask == y.loss_mask
         assert x.finish_reason == y.finish_reason and x.turns == y.turns
-        torch.testing.assert_close(torch.tensor(x.old_logprobs), torch.tensor(y.old_logprobs),
+        torch.testing.assert_close(torch.tensor(x.sampler_logprobs), torch.tensor(y.sampler_logprobs),
                                    atol=1e-4, rtol=0)  # fmt: skip
 
 

@@ -210,8 +210,8 @@ def replay(traj, gen: ScriptedGenerator) -> tuple[list[int], list[int], list[flo
 
 
 def check_invariants(traj, gen, cfg: RolloutConfig):
-    assert len(traj.response_ids) == len(traj.loss_mask) == len(traj.old_logprobs)
-    assert (traj.response_ids, traj.loss_mask, traj.old_logprobs) == replay(traj, gen)
+    assert len(traj.response_ids) == len(traj.loss_mask) == len(traj.sampler_logprobs)
+    assert (traj.response_ids, traj.loss_mask, traj.sampler_logprobs) == replay(traj, gen)
     assert traj.response_text == TOK.decode(traj.response_ids)
     assert len(traj.prompt_ids) + len(traj.response_ids) <= cfg.max_context_tokens
     assert traj.prompt_ids == build_prompt(TOK, traj.example.question)
@@ -341,6 +341,22 @@ def test_search_on_last_turn_ends_unanswered_after_a_notice(streaming):
     assert LAST_TURN_NOTICE not in t.turns[0].observation
     assert t.turns[1].observation.endswith(f"{LAST_TURN_NOTICE}\n</information>\n\n")
     assert t.answer is None and compute_reward(t, t.example) == 0.0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_answer_split_by_a_length_cut_is_not_graded(streaming):
+    # turn 1 "<answer> Par" is cut by the token budget, feedback follows, turn 2 writes
+    # "is </answer>": what the model wrote reads "<answer> Paris </answer>" across the two turns
+    script = lambda q, turn: ["<answer>", " ", "P", "a", "r"] if turn == 0 else "is </answer>"
+    cfg = RolloutConfig(max_turns=1, max_new_tokens_per_turn=5, min_turn_tokens=4)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
+    t = trajs[0]
+    check_invariants(t, gen, cfg)
+    assert [turn.text for turn in t.turns] == ["<answer> Par", "is </answer>"]
+    assert [turn.finish_reason for turn in t.turns] == ["length", "stop"]
+    assert [turn.action for turn in t.turns] == ["invalid", "invalid"]
+    assert t.finish_reason == "max_turns" and t.answer is None
+    assert compute_reward(t, ["Paris"]) == 0.0
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -650,7 +666,7 @@ def _steered(torch, lm, bigrams: dict[int, int], strength: float = 30.0):
 
 
 def _check_hf_trajectory(torch, t, tok, model):
-    assert len(t.response_ids) == len(t.loss_mask) == len(t.old_logprobs)
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs)
     assert t.prompt_ids == build_prompt(tok, t.example.question)
     assert t.finish_reason in ("answer", "search_on_last_turn", "max_turns", "eos", "context")
     # response = per turn: the sampled run (mask 1), then the encoded inserted text (mask 0)
@@ -671,7 +687,7 @@ def _check_hf_trajectory(torch, t, tok, model):
         logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0]  # (L, V)
     start = len(t.prompt_ids)
     want = logp[start - 1 : -1].gather(-1, ids[0, start:, None]).squeeze(-1)  # (R,)
-    got = torch.tensor(t.old_logprobs)
+    got = torch.tensor(t.sampler_logprobs)
     mask = torch.tensor(t.loss_mask, dtype=torch.bool)
     assert torch.allclose(got[mask], want[mask], atol=1e-4)
     assert (got[~mask] == 0).all()

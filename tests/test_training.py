@@ -120,7 +120,7 @@ def test_rollout_step_runs_end_to_end(tiny_lm, tmp_path):
     m = tr.step()
     assert m["step"] == 1 and len(tr.last_trajectories) == 4
     for t in tr.last_trajectories:
-        assert len(t.response_ids) == len(t.loss_mask) == len(t.old_logprobs)
+        assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs)
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
 
 

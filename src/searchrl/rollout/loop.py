@@ -3,8 +3,9 @@
 Token in, token out: the model's tokens are kept exactly as sampled (EOS included, trained);
 only inserted text (information blocks, corrective feedback) is encoded, with
 ``add_special_tokens=False``. ``loss_mask`` is 1 on sampled tokens and 0 on inserted ones, and
-``old_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
-``old_logprobs`` always have one entry per response token.
+``sampler_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
+``sampler_logprobs`` always have one entry per response token (``Trajectory.add_sampled`` /
+``add_inserted``).
 
 Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
 can stream and prefers it, see :class:`~searchrl.rollout.engine.protocol.StreamingGenerator`: the HF
@@ -65,7 +66,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.rewards import extract_answer
 from searchrl.rollout.engine.protocol import Completion, Generator, SamplingParams, reset_cache
 from searchrl.rollout.parser import parse_action
 from searchrl.rollout.prompts import (
@@ -75,6 +75,7 @@ from searchrl.rollout.prompts import (
     build_prompt,
     format_information,
 )
+from searchrl.tags import extract_answer
 from searchrl.types import Passage, QAExample, Trajectory, Turn
 
 log = logging.getLogger(__name__)
@@ -265,11 +266,7 @@ class _Rollout:
         if a.length + len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
             a.traj.finish_reason = "context"
             return False
-        t = a.traj
-        t.response_ids += ids
-        t.loss_mask += [0] * len(ids)
-        t.old_logprobs += [0.0] * len(ids)
-        t.turns[-1].observation = text
+        a.traj.add_inserted(ids, text)
         self.stats.inserted_tokens += len(ids)
         return True
 
@@ -280,9 +277,7 @@ class _Rollout:
         """Record one completion; returns the query when the turn searches, else ``None``."""
         t, cfg = a.traj, self.cfg
         text = c.text or self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
-        t.response_ids += list(c.token_ids)
-        t.loss_mask += [1] * len(c.token_ids)
-        t.old_logprobs += [float(x) for x in c.logprobs]
+        t.add_sampled(list(c.token_ids), list(c.logprobs))
         final = self.single_turn or a.turns_done == cfg.max_turns
         action = parse_action(text, ("answer",) if self.single_turn else ("search", "answer"))
         turn = Turn(text=text, action=action.kind, finish_reason=c.finish_reason)
