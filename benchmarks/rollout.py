@@ -159,7 +159,8 @@ def main() -> None:
     from searchrl.retrieval.bm25 import BM25Retriever
     from searchrl.rollout.engine.hf import HFGenerator
     from searchrl.rollout.engine.kv_cache import KVStats
-    from searchrl.rollout.loop import RolloutConfig, RolloutStats, run_rollouts
+    from searchrl.rollout.config import RolloutConfig
+    from searchrl.rollout.loop import RolloutStats, run_rollouts
     from searchrl.rollout.prompts import build_prompt
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

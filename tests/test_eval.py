@@ -17,7 +17,7 @@ from searchrl.eval import runner
 from searchrl.eval.runner import METRIC_KEYS, evaluate, summarize, trajectory_record
 from searchrl.eval.tables import comparison_table, format_trace, metrics_table
 from searchrl.rollout.engine.protocol import Completion
-from searchrl.rollout.loop import RolloutConfig
+from searchrl.rollout.config import RolloutConfig
 from searchrl.types import Passage, QAExample, Trajectory, Turn
 
 CORPUS = [

@@ -19,7 +19,8 @@ from searchrl.retrieval.bm25 import BM25Retriever
 from searchrl.rollout.engine.protocol import ResettableGenerator, SamplingParams, reset_cache
 from searchrl.rollout.engine.hf import HFGenerator
 from searchrl.rollout.engine.kv_cache import KVEntry, KVStore, merge_caches, shared_groups
-from searchrl.rollout.loop import RolloutConfig, RolloutStats, run_rollouts
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.loop import RolloutStats, run_rollouts
 from searchrl.rollout.prompts import build_prompt
 from searchrl.types import Passage, QAExample
 

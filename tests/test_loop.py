@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 
-from searchrl.errors import ConfigError
+from searchrl.errors import ConfigError, SearchRLError
 from searchrl.rewards import compute_reward
-from searchrl.rollout.engine.protocol import Completion, SamplingParams
-from searchrl.rollout.loop import RolloutConfig, RolloutStats, fit_information, run_rollouts
+from searchrl.rollout.engine.protocol import Completion, GenerationStream, SamplingParams
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.engine.batch_stream import BatchStream
+from searchrl.rollout.loop import RolloutStats, run_rollouts
+from searchrl.rollout.observation import fit_information
 from searchrl.rollout.prompts import INVALID_ACTION_FEEDBACK, LAST_TURN_NOTICE, build_prompt
 from searchrl.types import Passage, QAExample
 
@@ -128,6 +131,7 @@ class ScriptedStreamingGenerator(ScriptedGenerator):
         class Stream:
             def __init__(self):
                 self.rows: dict[Any, list] = {}  # key -> [completion, tokens left]
+                self.calls = 0
 
             def __enter__(self):
                 return self
@@ -149,6 +153,7 @@ class ScriptedStreamingGenerator(ScriptedGenerator):
                 pass
 
             def step(self):
+                self.calls += 1
                 flight = set(self.rows)
                 done = []
                 for key in list(self.rows):
@@ -555,6 +560,27 @@ def test_auto_schedule_streams_only_where_the_generator_prefers_it():
     assert steps(ScriptedStreamingGenerator, "rounds") == ([], [1, 1])
     assert steps(ScriptedStreamingGenerator, "continuous", prefers=False)[0]
     assert steps(ScriptedGenerator, "auto") == (None, [1, 1])
+
+
+def test_batch_stream_runs_rounds_behind_the_stream_protocol():
+    gen = ScriptedGenerator(TOK, lambda q, turn: "<answer>x</answer>", ["a", "b", "c"])
+    stream = BatchStream(gen, SamplingParams(50, seed=3), ["</answer>"])
+    assert isinstance(stream, GenerationStream)
+    prompts = {q: build_prompt(TOK, q) for q in "abc"}
+    with stream:
+        stream.add("kc", prompts["c"], 2)
+        stream.add("ka", prompts["a"], 50, seed=99)  # a batch call takes one seed per call
+        stream.add("kb", prompts["b"], 2)
+        with pytest.raises(SearchRLError, match="already queued"):
+            stream.add("ka", prompts["a"], 50)
+        assert stream.busy
+        done = stream.step()
+        assert not stream.busy and stream.step() == []
+    assert [k for k, _ in done] == ["kc", "ka", "kb"]  # the order they were added
+    assert [c.text for _, c in done] == ["<answer>x", "<answer>x</answer>", "<answer>x"]
+    # one generate call per budget, largest first, seeded seed + call index
+    assert [(len(p), s.max_new_tokens, s.seed) for p, s, _ in gen.calls] == [(1, 50, 3), (2, 2, 4)]
+    assert stream.calls == 2
 
 
 def test_seed_advances_per_call_and_sampling_is_passed_on():

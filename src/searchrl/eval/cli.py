@@ -29,7 +29,7 @@ from typing import Any
 from searchrl.config import to_dict
 from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
-from searchrl.rollout.loop import SCHEDULES, RolloutConfig
+from searchrl.rollout.config import SCHEDULES, RolloutConfig
 from searchrl.rollout.prompts import PROMPT_METHODS
 from searchrl.types import QAExample
 

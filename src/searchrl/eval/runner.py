@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from searchrl.rewards import exact_match, f1_score, subem
-from searchrl.rollout.loop import RolloutConfig, run_rollouts
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.loop import run_rollouts
 from searchrl.types import QAExample, Trajectory
 
 log = logging.getLogger(__name__)

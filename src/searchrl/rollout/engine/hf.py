@@ -560,6 +560,7 @@ class HFStream:
         self.stops = [s for s in (stop or []) if s]
         self.window = max((len(s) for s in self.stops), default=0) + _STOP_WINDOW_EXTRA
         self.steps = 0  # decode forwards run
+        self.calls = 0  # step() calls
         self._queued: list[_Request] = []
         self._running: list[_Request] = []
         self._ended: list[_Request] = []  # finished without a step (a zero budget)
@@ -621,6 +622,7 @@ class HFStream:
         """Join the queued rows, sample one token per running row, decode once; the finished."""
         if self._contexts is None:
             raise SearchRLError("stream: use it as a context manager (with generator.stream(...) as s)")
+        self.calls += 1
         gen = self.gen
         out = [self._finish(r) for r in self._ended]
         self._ended = []

@@ -20,6 +20,8 @@ A backend that can run a *continuous batch* also implements :class:`StreamingGen
 (``stream()`` returns a :class:`GenerationStream`: rows are added under a key, each ``step()``
 advances every running row by one token and returns the rows that finished), so the multi-turn
 loop can put a trajectory's next turn back into the batch as soon as its observation is ready.
+The loop drives every backend through a stream: a batch-only one through
+:class:`~searchrl.rollout.engine.batch_stream.BatchStream` (rounds).
 """
 
 from __future__ import annotations
@@ -79,15 +81,21 @@ class ResettableGenerator(Generator, Protocol):
 
 @runtime_checkable
 class GenerationStream(Protocol):
-    """A continuous batch: rows join and leave between decode steps (see
-    :class:`~searchrl.rollout.engine.hf.HFStream`). Opened as a context manager."""
+    """A continuous batch: rows join and leave between steps (see
+    :class:`~searchrl.rollout.engine.hf.HFStream`; any batch :class:`Generator` becomes one, run
+    as rounds, through :class:`~searchrl.rollout.engine.batch_stream.BatchStream`). Opened as a
+    context manager. ``calls`` counts the backend's invocations so far (``step`` calls of a
+    continuous batch, ``generate`` calls of a batch adapter)."""
+
+    calls: int
 
     def add(self, key: Any, prompt: list[int], max_new_tokens: int, seed: int | None = None) -> None:
         """Queue one row under ``key``; it joins the batch at the next step."""
         ...
 
     def step(self) -> list[tuple[Any, Completion]]:
-        """Advance every row one token; return the rows that finished, as ``(key, Completion)``."""
+        """Advance the rows (one token each, or a batch backend: to their end); return the rows
+        that finished, as ``(key, Completion)``."""
         ...
 
     def release(self, key: Any) -> None:
@@ -99,6 +107,10 @@ class GenerationStream(Protocol):
         """Whether a row is queued or running."""
         ...
 
+    def __enter__(self) -> GenerationStream: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
 
 @runtime_checkable
 class StreamingGenerator(Generator, Protocol):
@@ -109,7 +121,8 @@ class StreamingGenerator(Generator, Protocol):
     prefers_stream: bool
 
     def stream(self, sampling: SamplingParams, stop: list[str] | None = None) -> GenerationStream:
-        """A stream sampling with ``sampling``'s temperature and top-p."""
+        """A stream sampling with ``sampling``'s temperature and top-p (budgets and seeds are
+        per row)."""
         ...
 
 
