@@ -119,11 +119,11 @@ def test_first_call_runs_a_shared_prefix_once(tiny_lm, prompts):
 def test_batch_mixing_continued_and_new_rows(
     tiny_lm, prompts, batch_size, overhead, sampling, monkeypatch
 ):
-    import searchrl.rollout.engine.hf as hf
+    import searchrl.rollout.engine.decode as decode
 
     merged = []  # overhead 0: each new-part length its own prefill batch; 10**9: one batch
-    monkeypatch.setattr(hf, "_BUCKET_OVERHEAD", overhead)
-    monkeypatch.setattr(hf, "merge_caches", lambda *a: merged.append(a) or merge_caches(*a))
+    monkeypatch.setattr(decode, "_BUCKET_OVERHEAD", overhead)
+    monkeypatch.setattr(decode, "merge_caches", lambda *a: merged.append(a) or merge_caches(*a))
     model, tok = tiny_lm
     on = HFGenerator(model, tok, batch_size=batch_size)
     off = HFGenerator(model, tok, batch_size=batch_size, kv_reuse=False)

@@ -120,10 +120,7 @@ class VLLMGenerator:
         self.stop_token_ids = eos_token_ids(self.tokenizer)
 
     def generate(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingParams,
-        stop: list[str] | None = None,
+        self, prompts: list[list[int]], sampling: SamplingParams, stop: list[str] | None = None
     ) -> list[Completion]:
         """One completion per prompt, in order."""
         if any(len(p) == 0 for p in prompts):
