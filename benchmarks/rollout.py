@@ -155,7 +155,8 @@ def main() -> None:
     from searchrl.data.corpus import load_corpus
     from searchrl.data.qa import load_qa
     from searchrl.data.world import ensure_default_world
-    from searchrl.models import amp_dtype, load_model, load_tokenizer, random_lm_from_config
+    from searchrl.models import amp_dtype, load_model, load_tokenizer
+    from searchrl.testing import random_lm_from_config
     from searchrl.retrieval.bm25 import BM25Retriever
     from searchrl.rollout.engine.hf import HFGenerator
     from searchrl.rollout.engine.kv_cache import KVStats

@@ -85,7 +85,7 @@ class DictRetriever:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_tokenizer):
     """A tiny random model folder, a QA file per dataset, and a BM25 index of the corpus."""
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
     from searchrl.retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("eval-world")

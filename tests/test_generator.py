@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.models import eos_token_ids, tiny_random_lm
+from searchrl.models import eos_token_ids
 from searchrl.rollout.engine.factory import make_generator
 from searchrl.rollout.engine.hf import HFGenerator
 from searchrl.rollout.engine.protocol import Completion, Generator, SamplingParams
 from searchrl.rollout.engine.sampling import sample_next
+from searchrl.testing import tiny_random_lm
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 TEXTS = [

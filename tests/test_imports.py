@@ -111,6 +111,8 @@ def test_layers_point_one_way():
         assert not bad, (m, bad)
     for m in ("searchrl.types", "searchrl.tags", "searchrl.rewards"):  # records and grading
         assert not {d for d in graph[m] if d.startswith(("searchrl.rollout", "searchrl.training"))}
+    # test-only random models stay out of production code
+    assert not [m for m, deps in graph.items() if "searchrl.testing" in deps]
     # the protocol and the engine package import no backend (nor torch) when imported
     assert graph["searchrl.rollout.engine.protocol"] == set()
     assert graph["searchrl.rollout.engine"] == set()

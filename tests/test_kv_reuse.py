@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from searchrl.models import tiny_random_lm
+from searchrl.testing import tiny_random_lm
 from searchrl.retrieval.bm25 import BM25Retriever
 from searchrl.rollout.engine.protocol import ResettableGenerator, SamplingParams, reset_cache
 from searchrl.rollout.engine.hf import HFGenerator

@@ -723,14 +723,14 @@ def _check_hf_trajectory(torch, t, tok, model):
 def test_end_to_end_with_tiny_random_model(schedule):
     torch = pytest.importorskip("torch")
     hf = pytest.importorskip("searchrl.rollout.engine.hf")
-    models = pytest.importorskip("searchrl.models")
+    testing = pytest.importorskip("searchrl.testing")
 
     tok = make_tokenizer()
     tok.chat_template = (
         "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}Assistant:{% endif %}"
     )
-    lm = models.tiny_random_lm(tok, seed=0)
+    lm = testing.tiny_random_lm(tok, seed=0)
     cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=12, min_turn_tokens=4, seed=0,
                         on_eos="feedback", max_context_tokens=1200, schedule=schedule)  # fmt: skip
     exs = examples("alpha", "beta", "gamma")
