@@ -45,15 +45,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
 
     d = cfg.data
     if not d.train_files:
-        from searchrl.data.qa import load_qa
-        from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
-
-        options = {"filler": d.world_filler} if d.world_filler != 1.0 else {}
-        world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES, **options)
-        questions = load_qa(world / "questions.jsonl")
+        questions, corpus_path = synthetic_world(d)
         train = [q for q in questions if q.split == "train"]
         evals = [q for q in questions if q.split == "test"]
-        corpus_path = world / "corpus.jsonl"
     else:
         train = load_qa_many(d.train_files, split="train")
         evals = []
@@ -73,6 +67,18 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         raise SearchRLError("no training questions (check data.train_files and their split)")
     retriever = make_retriever(cfg, corpus_path)
     return train, evals, retriever
+
+
+def synthetic_world(d: Any) -> tuple[list[QAExample], Path]:
+    """The synthetic world of ``d`` (a :class:`~searchrl.training.config.DataConfig`): its questions
+    (every split) and its corpus file, generated and cached on first use. The one place the world
+    is built from the config (training data, warm-start demonstrations, ``searchrl eval``)."""
+    from searchrl.data.qa import load_qa
+    from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
+
+    options = {"filler": d.world_filler} if d.world_filler != 1.0 else {}
+    world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES, **options)
+    return load_qa(world / "questions.jsonl"), world / "corpus.jsonl"
 
 
 def _within_hops(examples: list[QAExample], max_hops: int) -> list[QAExample]:
@@ -132,15 +138,11 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     tok = models.tokenizer
     pool, demo_retriever = train, retriever
     if not any(q.extra.get("hops") for q in train):
-        from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
-        from searchrl.data.qa import load_qa
-
-        options = {"filler": cfg.data.world_filler} if cfg.data.world_filler != 1.0 else {}
-        world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES, **options)
-        pool = [q for q in load_qa(world / "questions.jsonl") if q.split == "train"]
+        questions, corpus_path = synthetic_world(cfg.data)
+        pool = [q for q in questions if q.split == "train"]
         if cfg.data.max_hops:
             pool = _within_hops(pool, cfg.data.max_hops)
-        demo_retriever = bm25_over(world / "corpus.jsonl")
+        demo_retriever = bm25_over(corpus_path)
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
                            method=cfg.method)
