@@ -760,3 +760,19 @@ def test_end_to_end_with_tiny_random_model(schedule):
         _check_hf_trajectory(torch, t, tok, steered)
         assert [turn.action for turn in t.turns] == ["search", "answer"]
         assert t.turns[0].text == "<search>x</search>" and t.answer == "y"
+
+
+def test_trajectory_keeps_its_token_invariant():
+    from searchrl.types import Trajectory, Turn
+
+    t = Trajectory(example=examples("q")[0], prompt_ids=[1, 2])
+    t.turns.append(Turn("<search> x </search>", "search", query="x"))
+    t.add_sampled([5, 6, 7], [-0.5, -0.25, -1.0])
+    t.add_inserted([8, 9], "<information>d</information>")
+    assert t.response_ids == [5, 6, 7, 8, 9] and t.loss_mask == [1, 1, 1, 0, 0]
+    assert t.sampler_logprobs == [-0.5, -0.25, -1.0, 0.0, 0.0]
+    assert t.turns[-1].observation == "<information>d</information>"
+    with pytest.raises(ValueError, match="3 sampled tokens but 2 log-probs"):
+        t.add_sampled([1, 2, 3], [-0.1, -0.2])
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs) == 5
+    assert t.to_dict(with_tokens=True)["sampler_logprobs"] == t.sampler_logprobs

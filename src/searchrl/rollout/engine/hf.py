@@ -17,8 +17,8 @@
   are checked while sampling by decoding only the tail of the row; a stop string completed inside
   a token ends the row after that token. Tokens are returned exactly as sampled (EOS included);
   ``Completion.text`` is their decoding with special tokens skipped (as vLLM does);
-* finished rows leave the batch at once (the KV cache rows are index-selected), so the work per
-  step shrinks as rows finish;
+* finished rows leave the batch at once (the KV cache rows are index-selected, and leading cache
+  columns no remaining row attends to are trimmed), so the work per step shrinks as rows finish;
 * with ``amp`` (bf16 over fp32 weights) the forward passes run on a bf16 copy of the weights,
   refreshed when the weights change (:meth:`HFGenerator.generation_model`; same detection as the
   staleness rule below).
