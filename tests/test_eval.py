@@ -16,8 +16,8 @@ from searchrl.eval import cli as eval_cli
 from searchrl.eval import runner
 from searchrl.eval.runner import METRIC_KEYS, evaluate, summarize, trajectory_record
 from searchrl.eval.tables import comparison_table, format_trace, metrics_table
-from searchrl.rollout.generator import Completion
-from searchrl.rollout.loop import RolloutConfig
+from searchrl.rollout.engine.protocol import Completion
+from searchrl.rollout.config import RolloutConfig
 from searchrl.types import Passage, QAExample, Trajectory, Turn
 
 CORPUS = [
@@ -85,7 +85,7 @@ class DictRetriever:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_tokenizer):
     """A tiny random model folder, a QA file per dataset, and a BM25 index of the corpus."""
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
     from searchrl.retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("eval-world")
@@ -332,3 +332,65 @@ def test_ask_with_a_model_folder(world, capsys):
     out = capsys.readouterr().out
     assert out.startswith("Question: capital of France") and "[turn 1]" in out
     assert "Finish: " in out and "Answer: " in out
+
+
+# ------------------------------------------------------------------------------ one front door
+def test_eval_reads_the_train_config_and_flags_are_shorthands(world, tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 3, "method": "search", "rollout_batch_size": 4,
+        "model": {"name": world["model"], "device": "cpu", "amp": "off"},
+        "data": {"index": world["index"], "eval_files": world["data"].split(","), "eval_limit": 2},
+        "eval_rollout": {"max_turns": 1, "max_new_tokens_per_turn": 6, "min_turn_tokens": 4,
+                         "topk": 2, "temperature": 0.0, "max_context_tokens": 900},
+    }))  # fmt: skip
+    out = tmp_path / "from-config"
+    assert main(["eval", "--config", str(config), "eval_rollout.max_turns=0", "--topk", "1",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    recorded = json.loads((out / "eval_config.json").read_text())
+    rollout = recorded["rollout"]
+    # the YAML's budgets, then the dotted override, then the flag
+    assert (rollout["max_new_tokens_per_turn"], rollout["min_turn_tokens"]) == (6, 4)
+    assert (rollout["max_context_tokens"], rollout["max_turns"], rollout["topk"]) == (900, 0, 1)
+    assert rollout["seed"] == 3 and recorded["batch_size"] == 4 and recorded["amp"] == "off"
+    assert recorded["model"] == str(Path(world["model"]).resolve())
+    assert recorded["index"] == str(Path(world["index"]).resolve())
+    assert recorded["limit"] == 2  # data.eval_limit, per dataset
+    lines = read_lines(out / "trajectories.jsonl")
+    assert sorted(r["id"] for r in lines) == ["hotpotqa_0", "hotpotqa_1", "nq_0", "nq_1"]
+    assert all(r["num_turns"] == 1 and 1 <= r["response_tokens"] <= 6 for r in lines)
+    # a bad value in the config is a config error naming the field, before any work
+    assert main(["eval", "--config", str(config), "eval_rollout.topk=0", "--out",
+                 str(tmp_path / "bad")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "eval_rollout." in err and "topk: must be" in err and not (tmp_path / "bad").exists()
+
+
+def test_eval_without_data_uses_the_one_synthetic_world(world, tmp_path, monkeypatch):
+    from searchrl.training import pipeline
+    from searchrl.training.config import TrainConfig
+
+    questions = [QAExample(f"w{i}", q, [a], split=split, source="world")
+                 for i, ((q, a), split) in enumerate(zip(QUESTIONS["nq"], ["train", "test", "test"]))]
+    corpus = world["root"] / "corpus.jsonl"
+    calls = []
+
+    def fake_world(d):
+        calls.append(d.world_seed)
+        return questions, corpus
+
+    monkeypatch.setattr(pipeline, "synthetic_world", fake_world)
+    out = tmp_path / "world"
+    assert main(["eval", "data.world_seed=7", "--model", world["model"], "--method", "rag",
+                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    lines = read_lines(out / "trajectories.jsonl")
+    assert sorted(r["id"] for r in lines) == ["w1", "w2"]  # the world's test split
+    assert lines[0]["turns"][0]["passages"][0]["title"] == "Berlin"  # BM25 over the world corpus
+    assert calls == [7, 7]  # questions and corpus, both from the one loader
+    # training reads the same world through the same loader
+    calls.clear()
+    train, evals, retriever = pipeline.load_data(TrainConfig(method="direct"))
+    assert [q.id for q in train] == ["w0"] and [q.id for q in evals] == ["w1", "w2"]
+    assert calls == [0] and retriever is None

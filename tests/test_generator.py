@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.models import eos_token_ids, tiny_random_lm
-from searchrl.rollout.generator import Completion, Generator, SamplingParams, make_generator
-from searchrl.rollout.hf import HFGenerator, sample_next
+from searchrl.models import eos_token_ids
+from searchrl.rollout.engine.factory import make_generator
+from searchrl.rollout.engine.hf import HFGenerator
+from searchrl.rollout.engine.protocol import Completion, Generator, SamplingParams
+from searchrl.rollout.engine.sampling import sample_next
+from searchrl.testing import tiny_random_lm
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
 TEXTS = [
@@ -284,7 +287,7 @@ def test_make_generator_hf_wraps_given_model(tiny_lm, prompts):
 
 def test_vllm_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError even if installed
-    from searchrl.rollout.vllm_backend import VLLMGenerator
+    from searchrl.rollout.engine.vllm_backend import VLLMGenerator
 
     with pytest.raises(SearchRLError, match="pip install vllm"):
         VLLMGenerator("/nonexistent")
@@ -293,7 +296,7 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
 
 
 def test_vllm_helpers_map_params_and_outputs():
-    from searchrl.rollout.vllm_backend import (
+    from searchrl.rollout.engine.vllm_backend import (
         _sampled_logprobs,
         finish_from_vllm,
         vllm_sampling_kwargs,

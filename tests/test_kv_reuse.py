@@ -14,12 +14,13 @@ import logging
 import pytest
 import torch
 
-from searchrl.models import tiny_random_lm
+from searchrl.testing import tiny_random_lm
 from searchrl.retrieval.bm25 import BM25Retriever
-from searchrl.rollout.generator import ResettableGenerator, SamplingParams, reset_cache
-from searchrl.rollout.hf import HFGenerator
-from searchrl.rollout.kv_cache import KVEntry, KVStore, merge_caches, shared_groups
-from searchrl.rollout.loop import RolloutConfig, RolloutStats, run_rollouts
+from searchrl.rollout.engine.protocol import ResettableGenerator, SamplingParams, reset_cache
+from searchrl.rollout.engine.hf import HFGenerator
+from searchrl.rollout.engine.kv_cache import KVEntry, KVStore, merge_caches, shared_groups
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.loop import RolloutStats, run_rollouts
 from searchrl.rollout.prompts import build_prompt
 from searchrl.types import Passage, QAExample
 
@@ -118,11 +119,11 @@ def test_first_call_runs_a_shared_prefix_once(tiny_lm, prompts):
 def test_batch_mixing_continued_and_new_rows(
     tiny_lm, prompts, batch_size, overhead, sampling, monkeypatch
 ):
-    import searchrl.rollout.hf as hf
+    import searchrl.rollout.engine.decode as decode
 
     merged = []  # overhead 0: each new-part length its own prefill batch; 10**9: one batch
-    monkeypatch.setattr(hf, "_BUCKET_OVERHEAD", overhead)
-    monkeypatch.setattr(hf, "merge_caches", lambda *a: merged.append(a) or merge_caches(*a))
+    monkeypatch.setattr(decode, "_BUCKET_OVERHEAD", overhead)
+    monkeypatch.setattr(decode, "merge_caches", lambda *a: merged.append(a) or merge_caches(*a))
     model, tok = tiny_lm
     on = HFGenerator(model, tok, batch_size=batch_size)
     off = HFGenerator(model, tok, batch_size=batch_size, kv_reuse=False)
@@ -180,7 +181,7 @@ def test_shared_groups_nest_and_respect_their_base():
 def test_unsupported_cache_falls_back_to_no_reuse(tiny_tokenizer, prompts, caplog):
     model = tiny_random_lm(tiny_tokenizer, arch="qwen2", use_sliding_window=True,
                            sliding_window=8, max_window_layers=0)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="searchrl.rollout.hf"):
+    with caplog.at_level(logging.WARNING, logger="searchrl.rollout.engine.hf"):
         gen = HFGenerator(model, tiny_tokenizer)
     assert not gen.kv_reuse and "DynamicSlidingWindowLayer" in caplog.text
     gen.generate(prompts, GREEDY)
@@ -355,7 +356,7 @@ class _Recorder:
         self.log = []
 
     def generate(self, prompts, sampling, stop=None):
-        from searchrl.rollout.generator import Completion
+        from searchrl.rollout.engine.protocol import Completion
 
         self.log.append("generate")
         return [Completion([1], [0.0], "eos") for _ in prompts]
@@ -425,7 +426,7 @@ def test_stale_kv_would_change_the_output(tiny_lm, prompts):
 def test_past_cache_and_merge_layouts(tiny_lm, lazy):
     """Pasts left-padded with zeros; merged parts right-aligned, rows in part order; a cache
     whose layers are created lazily (no config) is filled the same way."""
-    from searchrl.rollout.kv_cache import past_cache
+    from searchrl.rollout.engine.kv_cache import past_cache
 
     config = None if lazy else tiny_lm[0].config
     a, b = torch.randn(2, 2, 3, 4, 5), torch.randn(2, 2, 3, 2, 5)  # (layers, 2, H, n, D)

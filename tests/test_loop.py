@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 
-from searchrl.errors import ConfigError
+from searchrl.errors import ConfigError, SearchRLError
 from searchrl.rewards import compute_reward
-from searchrl.rollout.generator import Completion, SamplingParams
-from searchrl.rollout.loop import RolloutConfig, RolloutStats, fit_information, run_rollouts
+from searchrl.rollout.engine.protocol import Completion, GenerationStream, SamplingParams
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.engine.batch_stream import BatchStream
+from searchrl.rollout.loop import RolloutStats, run_rollouts
+from searchrl.rollout.observation import fit_information
 from searchrl.rollout.prompts import INVALID_ACTION_FEEDBACK, LAST_TURN_NOTICE, build_prompt
 from searchrl.types import Passage, QAExample
 
@@ -128,6 +131,7 @@ class ScriptedStreamingGenerator(ScriptedGenerator):
         class Stream:
             def __init__(self):
                 self.rows: dict[Any, list] = {}  # key -> [completion, tokens left]
+                self.calls = 0
 
             def __enter__(self):
                 return self
@@ -149,6 +153,7 @@ class ScriptedStreamingGenerator(ScriptedGenerator):
                 pass
 
             def step(self):
+                self.calls += 1
                 flight = set(self.rows)
                 done = []
                 for key in list(self.rows):
@@ -341,6 +346,22 @@ def test_search_on_last_turn_ends_unanswered_after_a_notice(streaming):
     assert LAST_TURN_NOTICE not in t.turns[0].observation
     assert t.turns[1].observation.endswith(f"{LAST_TURN_NOTICE}\n</information>\n\n")
     assert t.answer is None and compute_reward(t, t.example) == 0.0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_answer_split_by_a_length_cut_is_not_graded(streaming):
+    # turn 1 "<answer> Par" is cut by the token budget, feedback follows, turn 2 writes
+    # "is </answer>": what the model wrote reads "<answer> Paris </answer>" across the two turns
+    script = lambda q, turn: ["<answer>", " ", "P", "a", "r"] if turn == 0 else "is </answer>"
+    cfg = RolloutConfig(max_turns=1, max_new_tokens_per_turn=5, min_turn_tokens=4)
+    trajs, gen, _, _ = rollout(script, ["q"], cfg, streaming=streaming)
+    t = trajs[0]
+    check_invariants(t, gen, cfg)
+    assert [turn.text for turn in t.turns] == ["<answer> Par", "is </answer>"]
+    assert [turn.finish_reason for turn in t.turns] == ["length", "stop"]
+    assert [turn.action for turn in t.turns] == ["invalid", "invalid"]
+    assert t.finish_reason == "max_turns" and t.answer is None
+    assert compute_reward(t, ["Paris"]) == 0.0
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -541,6 +562,27 @@ def test_auto_schedule_streams_only_where_the_generator_prefers_it():
     assert steps(ScriptedGenerator, "auto") == (None, [1, 1])
 
 
+def test_batch_stream_runs_rounds_behind_the_stream_protocol():
+    gen = ScriptedGenerator(TOK, lambda q, turn: "<answer>x</answer>", ["a", "b", "c"])
+    stream = BatchStream(gen, SamplingParams(50, seed=3), ["</answer>"])
+    assert isinstance(stream, GenerationStream)
+    prompts = {q: build_prompt(TOK, q) for q in "abc"}
+    with stream:
+        stream.add("kc", prompts["c"], 2)
+        stream.add("ka", prompts["a"], 50, seed=99)  # a batch call takes one seed per call
+        stream.add("kb", prompts["b"], 2)
+        with pytest.raises(SearchRLError, match="already queued"):
+            stream.add("ka", prompts["a"], 50)
+        assert stream.busy
+        done = stream.step()
+        assert not stream.busy and stream.step() == []
+    assert [k for k, _ in done] == ["kc", "ka", "kb"]  # the order they were added
+    assert [c.text for _, c in done] == ["<answer>x", "<answer>x</answer>", "<answer>x"]
+    # one generate call per budget, largest first, seeded seed + call index
+    assert [(len(p), s.max_new_tokens, s.seed) for p, s, _ in gen.calls] == [(1, 50, 3), (2, 2, 4)]
+    assert stream.calls == 2
+
+
 def test_seed_advances_per_call_and_sampling_is_passed_on():
     cfg = RolloutConfig(seed=7, temperature=0.7, top_p=0.9)
     _, gen, _, _ = rollout(search_then_answer, ["q"], cfg)
@@ -680,15 +722,15 @@ def _check_hf_trajectory(torch, t, tok, model):
 @pytest.mark.parametrize("schedule", ["continuous", "rounds"])
 def test_end_to_end_with_tiny_random_model(schedule):
     torch = pytest.importorskip("torch")
-    hf = pytest.importorskip("searchrl.rollout.hf")
-    models = pytest.importorskip("searchrl.models")
+    hf = pytest.importorskip("searchrl.rollout.engine.hf")
+    testing = pytest.importorskip("searchrl.testing")
 
     tok = make_tokenizer()
     tok.chat_template = (
         "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}Assistant:{% endif %}"
     )
-    lm = models.tiny_random_lm(tok, seed=0)
+    lm = testing.tiny_random_lm(tok, seed=0)
     cfg = RolloutConfig(max_turns=2, max_new_tokens_per_turn=12, min_turn_tokens=4, seed=0,
                         on_eos="feedback", max_context_tokens=1200, schedule=schedule)  # fmt: skip
     exs = examples("alpha", "beta", "gamma")
@@ -718,3 +760,19 @@ def test_end_to_end_with_tiny_random_model(schedule):
         _check_hf_trajectory(torch, t, tok, steered)
         assert [turn.action for turn in t.turns] == ["search", "answer"]
         assert t.turns[0].text == "<search>x</search>" and t.answer == "y"
+
+
+def test_trajectory_keeps_its_token_invariant():
+    from searchrl.types import Trajectory, Turn
+
+    t = Trajectory(example=examples("q")[0], prompt_ids=[1, 2])
+    t.turns.append(Turn("<search> x </search>", "search", query="x"))
+    t.add_sampled([5, 6, 7], [-0.5, -0.25, -1.0])
+    t.add_inserted([8, 9], "<information>d</information>")
+    assert t.response_ids == [5, 6, 7, 8, 9] and t.loss_mask == [1, 1, 1, 0, 0]
+    assert t.sampler_logprobs == [-0.5, -0.25, -1.0, 0.0, 0.0]
+    assert t.turns[-1].observation == "<information>d</information>"
+    with pytest.raises(ValueError, match="3 sampled tokens but 2 log-probs"):
+        t.add_sampled([1, 2, 3], [-0.1, -0.2])
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.sampler_logprobs) == 5
+    assert t.to_dict(with_tokens=True)["sampler_logprobs"] == t.sampler_logprobs

@@ -9,15 +9,8 @@ import torch
 
 from searchrl import models
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.models import (
-    KNOWN_CONFIGS,
-    eos_token_ids,
-    load_model,
-    load_tokenizer,
-    model_config,
-    random_lm_from_config,
-    tiny_random_lm,
-)
+from searchrl.models import eos_token_ids, load_model, load_tokenizer
+from searchrl.testing import KNOWN_CONFIGS, model_config, random_lm_from_config, tiny_random_lm
 
 
 def _same_weights(a, b) -> bool:

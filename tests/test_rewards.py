@@ -10,6 +10,7 @@ import pytest
 
 from searchrl.errors import ConfigError
 from searchrl.rewards import (
+    REWARD_KINDS,
     RewardConfig,
     compute_reward,
     exact_match,
@@ -20,6 +21,7 @@ from searchrl.rewards import (
     normalize_answer,
     subem,
 )
+from searchrl.rollout.parser import parse_action
 from searchrl.rollout.prompts import INVALID_ACTION_FEEDBACK, LAST_TURN_NOTICE, prompt_text
 from searchrl.types import QAExample, Trajectory, Turn
 
@@ -172,8 +174,10 @@ def test_retrieval_bonus_only_when_gold_in_information():
 
 
 def _traj(model_turns: list[str], observations: list[str]) -> Trajectory:
+    """A trajectory whose turns' actions are what the loop's parser makes of their texts."""
     ex = QAExample("1", "q?", ["Paris"])
-    turns = [Turn(text=t, action="x", observation=o) for t, o in zip(model_turns, observations)]
+    turns = [Turn(text=t, action=parse_action(t).kind, observation=o)
+             for t, o in zip(model_turns, observations)]  # fmt: skip
     text = "".join(t + o for t, o in zip(model_turns, observations))
     return Trajectory(example=ex, prompt_ids=[1], turns=turns, response_text=text)
 
@@ -200,6 +204,19 @@ def test_compute_reward_on_trajectory_reads_only_model_text():
     assert compute_reward(t, ["Paris"]) == 0.0  # the trajectory path is not
     t = _traj(["<think>a</think><answer>Paris</answer>"], [""])
     assert compute_reward(t, QAExample("1", "q", ["paris"]), RewardConfig("format")) == 1.0
+
+
+def test_an_answer_the_loop_did_not_accept_is_not_graded():
+    # "<answer> Par" cut by length, feedback inserted, then "is </answer>": the two turns'
+    # texts joined read "<answer> Paris </answer>", but no turn was accepted as an answer
+    t = _traj(["<answer> Par", "is </answer>"], [INVALID_ACTION_FEEDBACK, INVALID_ACTION_FEEDBACK])
+    assert [turn.action for turn in t.turns] == ["invalid", "invalid"]
+    assert t.answer is None
+    for kind in REWARD_KINDS:
+        assert compute_reward(t, ["Paris"], RewardConfig(kind)) == 0.0, kind
+    # the accepted turn's own block is graded, not a later or earlier one's
+    t = _traj(["<answer> Lyon", "<answer> Paris </answer>"], [INVALID_ACTION_FEEDBACK, ""])
+    assert t.answer == "Paris" and compute_reward(t, ["Paris"]) == 1.0
 
 
 def test_reward_config_errors_name_the_field():

@@ -33,7 +33,7 @@ SMALL = ["prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4", "micro_
 
 def _changed_share(cfg: TrainConfig, tokenizer, weights_dtype: str) -> float:
     """Share of trainable weight elements that one update step (at cfg's lr) changes."""
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     # a usual init scale (0.02): logits spread over the vocabulary, so every head row gets a gradient
     model = tiny_random_lm(tokenizer, seed=0, dtype=weights_dtype, initializer_range=0.02)
@@ -67,7 +67,7 @@ def test_full_finetune_of_half_precision_weights_is_refused():
 
 
 def test_lora_over_bf16_weights_keeps_float32_adapters(tiny_tokenizer):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     cfg = apply_overrides(TrainConfig(), ["model.dtype=bfloat16", "model.lora_r=4", "model.device=cpu"]).model
     bundle = build_models(cfg, need_reference=False, need_critic=False,
@@ -163,7 +163,7 @@ def test_lora_reference_is_the_warm_started_model(tiny_model_dir, tmp_path, monk
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     d = tmp_path_factory.mktemp("tiny-model")
     tiny_random_lm(tiny_tokenizer, seed=0).save_pretrained(d)
@@ -242,7 +242,7 @@ def test_non_finite_updates_are_counted_then_stop_the_run(tiny_lm, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_head_only_logprobs_equal_the_full_forward(tiny_tokenizer, arch, lora):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
     from searchrl.training.models import apply_lora
 
     model = tiny_random_lm(tiny_tokenizer, arch=arch, seed=1)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from searchrl.errors import SearchRLError
-from searchrl.rollout.generator import GenerationStream, SamplingParams, StreamingGenerator
-from searchrl.rollout.hf import HFGenerator, counter_seed, sample_next, sample_rows
+from searchrl.rollout.engine.protocol import GenerationStream, SamplingParams, StreamingGenerator
+from searchrl.rollout.engine.hf import HFGenerator
+from searchrl.rollout.engine.sampling import counter_seed, sample_next, sample_rows
 
 PROMPTS = ["You are a careful assistant. Think, then search or answer.\nQuestion: Who wrote the "
            "novel about the white whale that a one-legged captain hunts at sea?",
@@ -145,7 +146,7 @@ def test_parked_rows_lend_their_prefix_and_are_dropped_after_release(tiny_lm, pr
         shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[3])) if a != b)
         assert gen.kv_stats.reused_tokens - before == shared >= 16
         assert set(s._parked) == {1, 3}
-    assert not s._parked and s._cache is None
+    assert not s._parked and s.decoder is None
     with HFGenerator(lm, tok, kv_reuse=False).stream(SamplingParams(temperature=0.0)) as s:
         close(got[3], drain(s, {0: [(3, prompts[3], None)]})[3])  # same output from scratch
 
@@ -159,7 +160,7 @@ def test_leaving_rows_trim_the_cache_width(tiny_lm, prompts):
         s.add("short", short, 5)
         s.step()
         assert s.running == 1
-        assert s._attention.shape[1] == len(short) + 1  # the long row's columns are gone
+        assert s.decoder.batch.attention.shape[1] == len(short) + 1  # the long row's columns are gone
         drain(s)
 
 

@@ -180,7 +180,7 @@ def test_sft_baseline_data_and_training_lower_the_loss(tiny_lm):
 def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
     from searchrl.data.world import generate_world
     from searchrl.retrieval.bm25 import BM25Retriever
-    from searchrl.rollout.loop import RolloutConfig
+    from searchrl.rollout.config import RolloutConfig
     from searchrl.training.sft import demonstrations
 
     world = generate_world(seed=1, n_entities=80)

@@ -1,7 +1,8 @@
 """The ``searchrl`` command line: ``world | index | search | serve | eval | ask | train``.
 
 Each command lives beside the code it drives; a module listed in ``COMMAND_MODULES`` exposes
-``register(subparsers)`` which adds its sub-command(s) with ``set_defaults(func=...)``. Errors a
+``register(subparsers)`` which adds its sub-command(s) with ``set_defaults(func=...)``. Every
+listed module must import: a missing one is an error, never a command silently left out. Errors a
 user can fix (:class:`~searchrl.errors.SearchRLError`) are printed as one line, exit status 2.
 """
 
@@ -30,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a stage not built yet must not break the others
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -135,8 +135,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             v = to_dict(v)
-        elif isinstance(v, tuple):
-            v = list(v)
+        elif isinstance(v, (tuple, list)):
+            v = list(v)  # a copy: editing the mapping must not edit the config
+        elif isinstance(v, dict):
+            v = dict(v)
         out[f.name] = v
     return out
 

@@ -1,9 +1,11 @@
 """Outcome rewards for QA trajectories: answer extraction, EM / substring EM / F1, format reward.
 
-Everything here is a pure function of the *response* text (never the prompt, whose example
-``<answer> Beijing </answer>`` must not count) and the gold answers. Answers are taken from the
-last ``<answer>…</answer>`` block outside ``<information>`` blocks (text the retriever inserted is
-not the model's). Normalisation follows SQuAD (lowercase, drop punctuation and the articles
+Everything here is a pure function of the *response* (never the prompt, whose example
+``<answer> Beijing </answer>`` must not count) and the gold answers. A trajectory's answer is the
+one the loop accepted (:attr:`searchrl.types.Trajectory.answer`: the answer block of the turn the
+loop parsed as ``answer``); a plain string's is its last ``<answer>…</answer>`` block outside
+``<information>`` blocks (:func:`searchrl.tags.extract_answer`; text the retriever inserted is not
+the model's). Normalisation follows SQuAD (lowercase, drop punctuation and the articles
 a/an/the, collapse whitespace), with two additions: Unicode NFC and Unicode punctuation.
 
 Format validity (the Search-R1 v0.3 notion, written out here): ignoring whitespace between
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from searchrl.errors import ConfigError
+from searchrl.tags import ANY_TAG, extract_answer, information_text
 
 if TYPE_CHECKING:
     from searchrl.types import QAExample, Trajectory
@@ -34,9 +37,7 @@ Golds = Union[str, list[str], tuple[str, ...]]
 
 REWARD_KINDS = ("em", "subem", "f1", "format")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_INFO_BLOCK = re.compile(r"<information>.*?(</information>|$)", re.DOTALL)
-_ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
-_TAG = re.compile(r"</?(think|search|information|answer)>")
+_FROM_TEXT = object()  # format_reward: read the answer from the text
 
 
 def _is_punct(ch: str) -> bool:
@@ -61,25 +62,6 @@ def normalize_answer(s: str) -> str:
 
 def _gold_list(golds: Golds) -> list[str]:
     return [golds] if isinstance(golds, str) else [str(g) for g in golds]
-
-
-def extract_answer(response_text: str) -> str | None:
-    """The content of the last ``<answer>`` block outside ``<information>`` blocks, or ``None``.
-
-    >>> extract_answer("<think>x</think><answer> Paris </answer>")
-    'Paris'
-    >>> extract_answer("<answer>a</answer> then <answer>b</answer>")
-    'b'
-    >>> extract_answer("<information><answer>retrieved</answer></information>") is None
-    True
-    >>> extract_answer("<answer></answer>")
-    ''
-    >>> extract_answer("no tags") is None
-    True
-    """
-    visible = _INFO_BLOCK.sub(" ", response_text)
-    found = _ANSWER_BLOCK.findall(visible)
-    return found[-1].strip() if found else None
 
 
 def exact_match(pred: str | None, golds: Golds) -> float:
@@ -161,7 +143,7 @@ def is_valid_format(response_text: str) -> bool:
     blocks: list[str] = []
     pos = 0
     while True:
-        m = _TAG.search(response_text, pos)
+        m = ANY_TAG.search(response_text, pos)
         if m is None:
             if response_text[pos:].strip():
                 return False
@@ -173,16 +155,12 @@ def is_valid_format(response_text: str) -> bool:
         if close < 0:
             return False
         inner = response_text[m.end() : close]
-        nested = "<information>" in inner if tag == "information" else _TAG.search(inner)
+        nested = "<information>" in inner if tag == "information" else ANY_TAG.search(inner)
         if nested:
             return False
         blocks.append(tag)
         pos = close + len(tag) + 3
     return re.fullmatch(r"T(SIT)*A", "".join(t[0].upper() for t in blocks)) is not None
-
-
-def _information_text(response_text: str) -> str:
-    return " ".join(m.group(0) for m in _INFO_BLOCK.finditer(response_text))
 
 
 def format_reward(
@@ -192,8 +170,11 @@ def format_reward(
     structure_score: float = 0.2,
     invalid_score: float = 0.1,
     retrieval_bonus: float = 0.0,
+    answer: str | None | object = _FROM_TEXT,
 ) -> float:
     """Search-R1 v0.3 format-aware reward (correctness by exact match).
+
+    ``answer``: the answer to grade (default: :func:`~searchrl.tags.extract_answer` of the text).
 
     correct + valid 1.0; correct + invalid ``1 - structure_score`` (0.8); wrong + valid
     ``structure_score`` (0.2), plus ``retrieval_bonus`` when a gold answer appears inside an
@@ -211,8 +192,9 @@ def format_reward(
     >>> format_reward(found, "Lyon", retrieval_bonus=0.3), format_reward(found, "Rome")
     (0.5, 0.2)
     """
-    answer = extract_answer(response_text)
-    if answer is None:
+    if answer is _FROM_TEXT:
+        answer = extract_answer(response_text)
+    if not isinstance(answer, str):
         return 0.0
     valid = is_valid_format(response_text)
     if exact_match(answer, golds):
@@ -220,7 +202,7 @@ def format_reward(
     if not valid:
         return invalid_score
     bonus = retrieval_bonus if retrieval_bonus and subem(
-        _information_text(response_text), golds
+        information_text(response_text), golds
     ) else 0.0
     return structure_score + bonus
 
@@ -262,9 +244,9 @@ def compute_reward(
 ) -> float:
     """The configured reward of one response.
 
-    For a :class:`~searchrl.types.Trajectory` the answer is read from what the model wrote
-    (``model_text``) and the format from the full ``response_text``; for a string, from that
-    string. ``example`` is a :class:`~searchrl.types.QAExample` or the gold answer(s).
+    For a :class:`~searchrl.types.Trajectory` the answer is the one the loop accepted
+    (:attr:`~searchrl.types.Trajectory.answer`) and the format is read from the full
+    ``response_text``; for a string, both come from that string. ``example`` is a :class:`~searchrl.types.QAExample` or the gold answer(s).
 
     >>> compute_reward("<think>a</think><answer>Paris</answer>", ["Paris"])
     1.0
@@ -275,10 +257,9 @@ def compute_reward(
     cfg = cfg or RewardConfig()
     golds = example if isinstance(example, (str, list, tuple)) else example.golden_answers
     if isinstance(trajectory_or_text, str):
-        text = answer_text = trajectory_or_text
+        text, answer = trajectory_or_text, extract_answer(trajectory_or_text)
     else:
-        text, answer_text = trajectory_or_text.response_text, trajectory_or_text.model_text
-    answer = extract_answer(answer_text)
+        text, answer = trajectory_or_text.response_text, trajectory_or_text.answer
     total = 0.0
     for kind, weight in cfg.weights.items():
         if kind == "em":
@@ -294,6 +275,7 @@ def compute_reward(
                 structure_score=cfg.structure_score,
                 invalid_score=cfg.invalid_score,
                 retrieval_bonus=cfg.retrieval_bonus,
+                answer=answer,
             )
         total += weight * value
     return total

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from searchrl.tags import first_block
+
 
 @dataclass(frozen=True)
 class Passage:
@@ -79,16 +81,28 @@ class Turn:
     observation: str = ""  # inserted text after the turn (information block or feedback)
     finish_reason: str = ""  # the generator's reason: "stop" | "eos" | "length"
 
+    @property
+    def answer(self) -> str | None:
+        """The content of this turn's answer block when the loop accepted it as an answer.
+
+        >>> Turn("<answer> Paris </answer>", "answer").answer, Turn("<answer> x", "invalid").answer
+        ('Paris', None)
+        """
+        if self.action != "answer":
+            return None
+        block = first_block(self.text, ("answer",))
+        return None if block is None else block[1]
+
 
 @dataclass
 class Trajectory:
     """A whole multi-turn episode for one example, with token-level data for training.
 
     ``response_ids`` holds every token after the prompt: sampled tokens (``loss_mask`` 1) and
-    inserted ones (``loss_mask`` 0). ``sampler_logprobs`` has one entry per response token (0.0 on
-    inserted tokens): the log-probs the generator reported while sampling, kept to measure how far
-    they drift from the trainer's own (``logprob_drift``); the trainer never uses them as its "old"
-    log-probs. ``len(response_ids) == len(loss_mask) == len(sampler_logprobs)`` always.
+    inserted ones (``loss_mask`` 0). ``sampler_logprobs`` has one entry per response token: the
+    log-prob the *sampler* gave each sampled token (0.0 on inserted tokens); the trainer's old
+    log-probs are its own recomputation, not these. :meth:`add_sampled` and :meth:`add_inserted`
+    keep ``len(response_ids) == len(loss_mask) == len(sampler_logprobs)``.
     """
 
     example: QAExample
@@ -112,15 +126,28 @@ class Trajectory:
 
     @property
     def answer(self) -> str | None:
-        """The last answered turn's text is parsed by :mod:`searchrl.rewards`; this is a shortcut."""
-        from searchrl.rewards import extract_answer
+        """The answer the loop accepted: that of the last turn parsed as ``answer`` (text the
+        loop did not accept, e.g. an answer block split across turns by feedback, never counts).
+        """
+        answers = [t.answer for t in self.turns if t.action == "answer"]
+        return answers[-1] if answers else None
 
-        return extract_answer(self.model_text)
+    def add_sampled(self, ids: list[int], logprobs: list[float]) -> None:
+        """Append sampled tokens (trained: mask 1) with the sampler's log-probs."""
+        if len(ids) != len(logprobs):
+            raise ValueError(f"{len(ids)} sampled tokens but {len(logprobs)} log-probs")
+        self.response_ids += ids
+        self.loss_mask += [1] * len(ids)
+        self.sampler_logprobs += [float(x) for x in logprobs]
 
-    @property
-    def model_text(self) -> str:
-        """Only what the model wrote (inserted blocks left out)."""
-        return "".join(t.text for t in self.turns)
+    def add_inserted(self, ids: list[int], text: str) -> None:
+        """Append inserted tokens (not trained: mask 0, log-prob 0.0); ``text`` is what they
+        encode, recorded as the last turn's observation."""
+        self.response_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.sampler_logprobs += [0.0] * len(ids)
+        if self.turns:
+            self.turns[-1].observation = text
 
     def to_dict(self, with_tokens: bool = False) -> dict[str, Any]:
         d = {

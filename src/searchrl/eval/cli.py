@@ -12,6 +12,18 @@ selects), so a run can be extended with a larger ``--limit``. Decoding is greedy
 
 ``ask`` runs one question and prints the trace (:func:`~searchrl.eval.tables.format_trace`).
 
+**One front door with** ``train``: both commands read the same configuration
+(:class:`~searchrl.training.config.TrainConfig`): ``--config FILE`` (a YAML file such as
+``configs/*.yaml``) and dotted ``KEY=VALUE`` overrides, then the flags, which are shorthands for
+fields (:data:`SHORTHANDS`: ``--model`` is ``model.name``, ``--topk`` is ``eval_rollout.topk``...;
+``--dtype`` defaults to ``model.dtype`` and may also be float16, which training refuses).
+The generator comes from ``model`` (name, dtype, device, amp), the retriever from ``data`` (index,
+retriever_url, else BM25 over ``data.corpus`` or over the synthetic world), the budgets and
+sampling from ``eval_rollout``, the questions from ``--data``, else ``data.eval_files``, else the
+synthetic world's test split (``data.eval_limit`` per dataset unless ``--limit`` is given).
+Without ``--config`` and overrides, the budgets are :class:`~searchrl.rollout.config.RolloutConfig`'s
+defaults (the paper's), greedy, on every question of ``--data`` (which is then required).
+
 Left out: model identity checks beyond the path (a checkpoint overwritten in place is not
 detected) and multi-process evaluation.
 """
@@ -23,13 +35,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from searchrl.config import to_dict
+from searchrl.config import from_dict, load_yaml_config, to_dict
 from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
-from searchrl.rollout.loop import SCHEDULES, RolloutConfig
+from searchrl.rollout.config import SCHEDULES, RolloutConfig
 from searchrl.rollout.prompts import PROMPT_METHODS
 from searchrl.types import QAExample
 
@@ -39,6 +52,15 @@ CONFIG_FILE, TRAJ_FILE, METRICS_FILE = "eval_config.json", "trajectories.jsonl",
 # eval_config.json fields that do not change trajectories: a resumed run may change them
 _FREE_FIELDS = ("limit", "batch_size", "device", "schedule")
 RETRIEVAL_METHODS = ("search", "rag")
+
+# flag -> the config field it sets (dotted); a flag left out keeps the configured value
+SHORTHANDS = {
+    "method": "method", "model": "model.name", "device": "model.device",
+    "amp": "model.amp", "index": "data.index", "retriever_url": "data.retriever_url",
+    "topk": "eval_rollout.topk", "max_turns": "eval_rollout.max_turns",
+    "max_new_tokens": "eval_rollout.max_new_tokens_per_turn", "schedule": "eval_rollout.schedule",
+    "temperature": "eval_rollout.temperature", "seed": "seed", "batch_size": "rollout_batch_size",
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -52,23 +74,26 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser, default_method: str) -> None:
-    p.add_argument("--method", choices=PROMPT_METHODS, default=default_method,
-                   help=f"search agent or baseline (default: {default_method})")  # fmt: skip
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """The configuration (``--config``, overrides) and the flags that are shorthands for it."""
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with dotted keys, e.g. eval_rollout.topk=5")
+    p.add_argument("--config", "-c", help="YAML config file, as for `searchrl train` (configs/)")
+    p.add_argument("--method", choices=PROMPT_METHODS, help="search agent or baseline (default: search)")
     p.add_argument("--model", help="model folder (e.g. an exported checkpoint), .gguf file or hub id "
                    "(default: the bundled SmolLM2-135M-Instruct)")  # fmt: skip
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
-    p.add_argument("--amp", default="auto", choices=AMP_MODES,
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    p.add_argument("--dtype", help="model dtype (float32, bfloat16; default float32)")
+    p.add_argument("--amp", choices=AMP_MODES,
                    help="hf backend: bf16 compute over fp32 weights, on a bf16 copy of them "
-                   "(auto = where the hardware has native bf16)")
+                   "(default auto: where the hardware has native bf16)")
     p.add_argument("--index", help="index directory built by `searchrl index`")
     p.add_argument("--retriever-url", help="URL of a /retrieve server (`searchrl serve`)")
-    p.add_argument("--topk", type=_positive, default=3, help="passages per search (default: 3)")
-    p.add_argument("--max-turns", type=int, default=4, help="turns that may search (default: 4)")
-    p.add_argument("--max-new-tokens", type=_positive, default=500,
-                   help="tokens per model turn (default: 500)")  # fmt: skip
+    p.add_argument("--topk", type=_positive, help="passages per search (default: 3)")
+    p.add_argument("--max-turns", type=int, help="turns that may search (default: 4)")
+    p.add_argument("--max-new-tokens", type=_positive, help="tokens per model turn (default: 500)")
+    p.add_argument("--seed", type=int, help="seed (default 0; recorded when decoding is greedy)")
 
 
 def register(subparsers: Any) -> None:
@@ -78,25 +103,70 @@ def register(subparsers: Any) -> None:
         description="Evaluate the search agent or a baseline on QA files; re-run the same command "
         "to resume an interrupted run.",
     )  # fmt: skip
-    e.add_argument("--data", required=True, help="QA file(s), comma-separated")
+    e.add_argument("--data", help="QA file(s), comma-separated (default with --config: "
+                   "data.eval_files, else the synthetic world's test split)")
     e.add_argument("--split", default="test", help="split to keep ('all' keeps every split)")
     e.add_argument("--limit", type=_positive, help="first N questions of each dataset")
     e.add_argument("--out", required=True, help="output folder (created; resumed if it exists)")
-    e.add_argument("--batch-size", type=_positive, default=32, help="trajectories in flight")
-    e.add_argument("--schedule", choices=SCHEDULES, default="auto",
-                   help="continuous batching or rounds (auto: continuous on GPU, rounds on CPU)")
-    e.add_argument("--seed", type=int, default=0, help="seed (recorded; decoding is greedy)")
+    e.add_argument("--batch-size", type=_positive, help="trajectories in flight (default: 32)")
+    e.add_argument("--schedule", choices=SCHEDULES,
+                   help="continuous batching or rounds (default auto: continuous on GPU, rounds on CPU)")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_common(e, "search")
+    _add_common(e)
     e.set_defaults(func=cmd_eval)
 
     a = subparsers.add_parser("ask", help="run one question through the agent and print its trace")
     a.add_argument("question", help="the question")
     a.add_argument("--gold", action="append", help="a gold answer (repeatable): prints EM and F1")
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    a.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0")
-    _add_common(a, "search")
+    a.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    _add_common(a)
     a.set_defaults(func=cmd_ask)
+
+
+# ------------------------------------------------------------------------------ configuration
+def resolve_config(args: argparse.Namespace) -> Any:
+    """The :class:`~searchrl.training.config.TrainConfig` of this command: ``--config``, the
+    overrides, then the flags given (:data:`SHORTHANDS`); written back onto ``args`` (module doc).
+    """
+    from searchrl.training.config import DataConfig, TrainConfig
+
+    args.configured = bool(args.config or args.overrides)
+    if args.configured:
+        cfg = load_yaml_config(TrainConfig, args.config, args.overrides)
+    else:  # the historical defaults of `searchrl eval`: the paper's budgets, every question
+        cfg = TrainConfig(rollout=RolloutConfig(), data=DataConfig(eval_limit=0))  # evaluated greedy
+    data = to_dict(cfg)
+    for flag, dotted in SHORTHANDS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        section, _, name = dotted.rpartition(".")
+        node = data[section] if section else data
+        node[name] = value
+        if dotted == "eval_rollout.max_new_tokens_per_turn":
+            node["min_turn_tokens"] = min(cfg.eval_rollout_config.min_turn_tokens, value)
+    if getattr(args, "data", None):
+        data["data"]["eval_files"] = [p.strip() for p in args.data.split(",") if p.strip()]
+    cfg = from_dict(TrainConfig, data)
+    _write_back(args, cfg)
+    return cfg
+
+
+def _write_back(args: argparse.Namespace, cfg: Any) -> None:
+    """Put the resolved values where the rest of this module reads them."""
+    args.method, args.seed, args.batch_size = cfg.method, cfg.seed, cfg.rollout_batch_size
+    m, d = cfg.model, cfg.data
+    args.model, args.device, args.amp = m.name, m.device, m.amp
+    args.dtype = args.dtype or m.dtype  # not validated as a training dtype: float16 runs too
+    args.index, args.retriever_url = d.index, d.retriever_url
+    ev = cfg.eval_rollout_config
+    args.rollout = replace(ev, seed=ev.seed if ev.seed is not None else cfg.seed)
+    args.data_config = d if args.configured else None  # its world, when one is needed
+    args.corpus = d.corpus if args.configured and not (d.index or d.retriever_url) else None
+    if hasattr(args, "data"):
+        args.data = ",".join(d.eval_files) or None
+        if args.limit is None and args.configured:
+            args.limit = d.eval_limit or None
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -104,7 +174,8 @@ def check_retriever_args(args: argparse.Namespace) -> None:
     """Fail early (before any loading) when the retriever options do not fit ``--method``."""
     if args.index and args.retriever_url:
         raise ConfigError("give either --index or --retriever-url, not both")
-    if args.method in RETRIEVAL_METHODS and not (args.index or args.retriever_url):
+    in_process = getattr(args, "configured", False)  # BM25 over data.corpus or the world
+    if args.method in RETRIEVAL_METHODS and not (args.index or args.retriever_url or in_process):
         raise ConfigError(
             f"method {args.method!r} needs a retriever: pass --index DIR (built with `searchrl "
             "index`) or --retriever-url URL (a `searchrl serve` server)"
@@ -112,7 +183,8 @@ def check_retriever_args(args: argparse.Namespace) -> None:
 
 
 def build_retriever(args: argparse.Namespace) -> Any:
-    """The retriever named by ``--index`` / ``--retriever-url``; ``None`` for direct and cot."""
+    """The retriever named by ``--index`` / ``--retriever-url`` (with a config: else BM25 over
+    ``data.corpus`` or the synthetic world); ``None`` for direct and cot."""
     check_retriever_args(args)
     if args.method not in RETRIEVAL_METHODS:
         if args.index or args.retriever_url:
@@ -126,12 +198,15 @@ def build_retriever(args: argparse.Namespace) -> Any:
         from searchrl.retrieval.client import HttpRetriever
 
         return HttpRetriever(args.retriever_url)
+    from searchrl.training.pipeline import bm25_over, synthetic_world
+
+    return bm25_over(args.corpus or synthetic_world(args.data_config)[1])
 
 
 def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(generator, tokenizer)`` for ``--model`` with ``--backend``, ``--device``, ``--dtype``."""
     from searchrl.models import load_tokenizer, resolve_device
-    from searchrl.rollout.generator import make_generator
+    from searchrl.rollout.engine.factory import make_generator
 
     if args.backend == "vllm":
         return make_generator("vllm", model_path=args.model, dtype=args.dtype), load_tokenizer(args.model)
@@ -143,12 +218,33 @@ def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
     return make_generator("hf", model=model, tokenizer=tokenizer, amp=amp), tokenizer
 
 
-def rollout_config(args: argparse.Namespace, temperature: float = 0.0) -> RolloutConfig:
-    return RolloutConfig(
-        max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
-        min_turn_tokens=min(RolloutConfig.min_turn_tokens, args.max_new_tokens),
-        temperature=temperature, seed=args.seed, schedule=getattr(args, "schedule", "auto"),
-    )  # fmt: skip
+def select_examples(args: argparse.Namespace) -> list[QAExample]:
+    """``--data`` (or ``data.eval_files``), else, with a config, the synthetic world's test split
+    (questions within ``data.max_hops``); the first ``--limit`` per dataset."""
+    if args.data:
+        return load_examples(args.data, args.split, args.limit)
+    if args.data_config is None:
+        raise ConfigError("--data: give QA file(s), or a --config whose data section names them "
+                          "(or uses the synthetic world)")  # fmt: skip
+    from searchrl.training.pipeline import _within_hops, synthetic_world
+
+    d = args.data_config
+    questions = [q for q in synthetic_world(d)[0] if q.split == "test"]
+    if d.max_hops:
+        questions = _within_hops(questions, d.max_hops)
+    return _first_per_source(questions, args.limit)
+
+
+def _first_per_source(examples: list[QAExample], limit: int | None) -> list[QAExample]:
+    if limit is None:
+        return examples
+    counts: dict[str, int] = {}
+    kept = []
+    for ex in examples:
+        counts[ex.source] = counts.get(ex.source, 0) + 1
+        if counts[ex.source] <= limit:
+            kept.append(ex)
+    return kept
 
 
 def load_examples(data: str, split: str, limit: int | None) -> list[QAExample]:
@@ -164,15 +260,7 @@ def load_examples(data: str, split: str, limit: int | None) -> list[QAExample]:
     examples = load_qa_many(paths, split=None if split == "all" else split)
     if not examples:
         raise ConfigError(f"--data: no question with split {split!r} in {', '.join(paths)}")
-    if limit is not None:
-        counts: dict[str, int] = {}
-        kept = []
-        for ex in examples:
-            counts[ex.source] = counts.get(ex.source, 0) + 1
-            if counts[ex.source] <= limit:
-                kept.append(ex)
-        examples = kept
-    return examples
+    return _first_per_source(examples, limit)
 
 
 # ------------------------------------------------------------------------------ output folder
@@ -184,8 +272,14 @@ def eval_config(args: argparse.Namespace, cfg: RolloutConfig) -> dict[str, Any]:
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     uses_retriever = args.method in RETRIEVAL_METHODS
+    if args.data:
+        data = [where(p.strip()) for p in args.data.split(",") if p.strip()]
+    else:
+        d = args.data_config
+        data = [f"synthetic world (seed {d.world_seed}, entities {d.world_entities or 'default'}, "
+                f"filler {d.world_filler}, max_hops {d.max_hops})"]  # fmt: skip
     return {
-        "data": [where(p.strip()) for p in args.data.split(",") if p.strip()],
+        "data": data,
         "split": args.split,
         "method": args.method,
         "model": where(args.model) or "smollm2-135m-instruct",
@@ -194,6 +288,7 @@ def eval_config(args: argparse.Namespace, cfg: RolloutConfig) -> dict[str, Any]:
         "amp": args.amp,
         "index": where(args.index) if uses_retriever else None,
         "retriever_url": args.retriever_url if uses_retriever else None,
+        "corpus": where(args.corpus) if uses_retriever and args.corpus else None,
         "rollout": {k: v for k, v in to_dict(cfg).items() if k != "schedule"},
         "limit": args.limit,
         "schedule": cfg.schedule,
@@ -258,7 +353,7 @@ def _run_remaining(args, todo, out_file, total, done_count) -> float:
     t0 = time.perf_counter()
     retriever = build_retriever(args)
     generator, tokenizer = build_generator(args)
-    cfg = rollout_config(args)
+    cfg = args.rollout
     log.info("model ready in %.1fs", time.perf_counter() - t0)
     chunk = args.batch_size * 4
     bar = tqdm(total=total, initial=done_count, desc=f"eval ({args.method})", unit="q",
@@ -281,10 +376,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from searchrl.eval.runner import summarize
     from searchrl.eval.tables import metrics_table
 
+    resolve_config(args)
     check_retriever_args(args)
-    examples = load_examples(args.data, args.split, args.limit)
+    examples = select_examples(args)
     out = Path(args.out)
-    config = eval_config(args, rollout_config(args))
+    config = eval_config(args, args.rollout)
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -317,11 +413,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     if not args.question.strip():
         raise ConfigError("the question is empty")
+    resolve_config(args)
     retriever = build_retriever(args)
     generator, tokenizer = build_generator(args)
     example = QAExample("ask", args.question, list(args.gold or []), source="ask")
-    cfg = rollout_config(args, temperature=args.temperature)
-    (traj,) = run_rollouts([example], generator, retriever, tokenizer, cfg, n_samples=1,
+    (traj,) = run_rollouts([example], generator, retriever, tokenizer, args.rollout, n_samples=1,
                            batch_size=1, method=args.method, progress=False)  # fmt: skip
     print(format_trace(traj))
     if args.gold:

@@ -13,8 +13,8 @@ mean over its trajectories, except ``n`` (their count) and ``em_answerable``: EM
 whose ``extra["answerable"]`` is true, over all of them when no example carries the flag, ``None``
 when flagged examples exist but none is answerable. ``avg`` is the macro average over datasets
 (datasets whose value is ``None`` are left out; ``None`` when all are), except ``avg.n``, which is
-the total count. The answer is taken from the model's own text only (see
-:func:`searchrl.rewards.extract_answer`). ``answer_in_text`` is a diagnostic, not a score: a gold
+the total count. The answer is the one the loop accepted (the answer block of the turn it parsed
+as an answer: :attr:`searchrl.types.Trajectory.answer`). ``answer_in_text`` is a diagnostic, not a score: a gold
 answer occurs as whole words anywhere in the model's own turns (observations excluded, no
 ``<answer>`` block needed), which tells a model that knows (or read) the answer but ignores the
 format from one that does not know it.
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from searchrl.rewards import exact_match, f1_score, subem
-from searchrl.rollout.loop import RolloutConfig, run_rollouts
+from searchrl.rollout.config import RolloutConfig
+from searchrl.rollout.loop import run_rollouts
 from searchrl.types import QAExample, Trajectory
 
 log = logging.getLogger(__name__)

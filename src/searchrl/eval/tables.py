@@ -16,7 +16,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from searchrl.rewards import extract_answer
 from searchrl.types import Trajectory
 
 # The paper's column order and short names; other datasets follow in their own order.
@@ -132,7 +131,7 @@ def format_trace(traj: Trajectory, width: int = 100) -> str:
                 score = "-" if p.score is None else f"{p.score:.3f}"
                 lines.append(f"    {rank}. [{score}] {p.title or '(untitled)'}  (id {p.id})")
         if turn.action == "answer":
-            lines += _wrap("answer", extract_answer(turn.text) or "", width)
+            lines += _wrap("answer", turn.answer or "", width)
     answer = traj.answer
     lines.append(f"Answer: {answer if answer is not None else '(none)'}")
     lines.append(

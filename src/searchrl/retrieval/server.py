@@ -16,10 +16,8 @@ coalesced: those that arrive while a retriever call runs (and, if ``batch_window
 that window of the first one) are merged, up to ``max_batch_queries`` queries, into one
 ``retriever.search`` call with the largest ``topk`` of the batch; each request gets its own slice
 cut to its own ``topk``. If a merged call fails, its requests are retried one by one so that one bad
-request does not fail the others. Measured with searchrl's BM25 over 25.6k passages, 16 closed-loop
-clients sending one query each (2 busy cores): coalescing doubled the median throughput (594 -> 1224
-req/s) and cut server CPU per request from 0.45 to 0.28 ms; a 2 ms window added nothing there but
-2.4 ms to a lone request, hence the default window of 0 (merge only what queued up).
+request does not fail the others. The default window is 0 (merge only what queued up): a window
+added latency to lone requests without raising throughput (README, retrieval figures).
 
 Left out: authentication, TLS, multiple worker processes (run several servers behind a balancer),
 and streaming. The server binds loopback unless told otherwise.

@@ -4,18 +4,16 @@ Token in, token out: the model's tokens are kept exactly as sampled (EOS include
 only inserted text (information blocks, corrective feedback) is encoded, with
 ``add_special_tokens=False``. ``loss_mask`` is 1 on sampled tokens and 0 on inserted ones, and
 ``sampler_logprobs`` is 0.0 on inserted tokens, so ``response_ids``, ``loss_mask`` and
-``sampler_logprobs`` always have one entry per response token.
+``sampler_logprobs`` always have one entry per response token (``Trajectory.add_sampled`` /
+``add_inserted``).
 
 Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
-can stream and prefers it, see :class:`~searchrl.rollout.generator.StreamingGenerator`: the HF
+can stream and prefers it, see :class:`~searchrl.rollout.engine.protocol.StreamingGenerator`: the HF
 backend on a GPU; else ``rounds``):
 
-- ``continuous``: up to ``batch_size`` trajectories run in one continuous batch. After every
-  decode step, the turns that ended are parsed, ALL queries of that step go to the retriever in one
-  batched call, and each searching trajectory is queued to rejoin the running batch with its
-  observation (the generator joins queued rows in small groups within a few steps, and prefills
-  only the new tokens when it keeps their KV); a finished trajectory frees its slot for the next
-  pending (example, sample) pair at once. Nobody waits for the slowest row of a turn. Each turn
+- ``continuous``: the generator's own stream, one decode step per ``step`` (it joins queued rows
+  in small groups within a few steps, and prefills only the new tokens when it keeps their KV).
+  Nobody waits for the slowest row of a turn. Each turn
   samples from its own random stream, seeded from ``(seed, example index, sample index, turn)``,
   so a trajectory does not depend on the batch size or on which trajectories share its steps (up
   to float rounding).
@@ -24,7 +22,7 @@ backend on a GPU; else ``rounds``):
   trajectories free their slot for the next round (refill). The generator takes one
   ``max_new_tokens`` per call, so rows whose budget is cut by the context limit are generated in
   a separate call of the same round. Call ``i`` of a run samples with ``seed + i``. Any
-  :class:`~searchrl.rollout.generator.Generator` works.
+  :class:`~searchrl.rollout.engine.protocol.Generator` works.
 
 Turns and their budget (a trajectory has at most ``max_turns + 1`` model turns):
 
@@ -48,8 +46,9 @@ Turns and their budget (a trajectory has at most ``max_turns + 1`` model turns):
 (``rag`` retrieves top-k for every question in one batched call first), same records.
 
 Left out: retrieval running concurrently with decoding (it runs between steps; in-process BM25
-takes milliseconds against a decode step's ~0.1 s on CPU), reward computation
-(:mod:`searchrl.rewards`) and tensor padding (the trainer).
+is much faster than a decode step), reward computation (:mod:`searchrl.rewards`) and tensor
+padding (the trainer). Budgets: :mod:`searchrl.rollout.config`; observation fitting:
+:mod:`searchrl.rollout.observation`.
 """
 
 from __future__ import annotations
@@ -65,83 +64,31 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from searchrl.errors import ConfigError, SearchRLError
-from searchrl.rewards import extract_answer
-from searchrl.rollout.generator import Completion, Generator, SamplingParams, reset_cache
-from searchrl.rollout.parser import parse_action
-from searchrl.rollout.prompts import (
-    INVALID_ACTION_FEEDBACK,
-    LAST_TURN_NOTICE,
-    PROMPT_METHODS,
-    build_prompt,
-    format_information,
+from searchrl.rollout.config import FINISH_REASONS, SCHEDULES, RolloutConfig
+from searchrl.rollout.engine.batch_stream import BatchStream
+from searchrl.rollout.engine.protocol import (
+    Completion,
+    GenerationStream,
+    Generator,
+    SamplingParams,
+    reset_cache,
 )
+from searchrl.rollout.observation import fit_information
+from searchrl.rollout.parser import parse_action
+from searchrl.rollout.prompts import PROMPT_METHODS, build_prompt
 from searchrl.types import Passage, QAExample, Trajectory, Turn
 
+__all__ = ["FINISH_REASONS", "SCHEDULES", "RolloutConfig", "RolloutStats", "fit_information",
+           "run_rollouts"]  # fmt: skip
+
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = ("answer", "search_on_last_turn", "max_turns", "eos", "context")
-SCHEDULES = ("auto", "continuous", "rounds")
-
-
-@dataclass
-class RolloutConfig:
-    """Budgets and sampling of the rollout loop (see the module doc for the exact rules)."""
-
-    max_turns: int = 4  # turns that may search; one final answer-only turn follows
-    topk: int = 3  # passages per search
-    max_new_tokens_per_turn: int = 500
-    max_obs_tokens: int = 500  # tokens of one inserted information block
-    max_context_tokens: int = 4096  # prompt + response, never exceeded
-    min_turn_tokens: int = 16  # a turn needs at least this many free tokens, else "context"
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None  # see the module doc for how it seeds each schedule
-    schedule: str = "auto"  # "auto" | "continuous" | "rounds" (module doc)
-    stop: tuple[str, ...] = ("</search>", "</answer>")
-    feedback: str = INVALID_ACTION_FEEDBACK  # inserted after an invalid action
-    last_turn_notice: str = LAST_TURN_NOTICE  # shown before the final turn ("" = none)
-    on_eos: str = "end"  # "end" | "feedback": what EOS without an action does
-
-    def __post_init__(self) -> None:
-        self.stop = tuple(self.stop)
-        ints = ("max_turns", "topk", "max_new_tokens_per_turn", "max_obs_tokens",
-                "max_context_tokens", "min_turn_tokens")  # fmt: skip
-        for name in ints:
-            value = getattr(self, name)
-            low = 0 if name == "max_turns" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"rollout.{name}: must be an integer >= {low}, got {value!r}")
-        if self.min_turn_tokens > self.max_new_tokens_per_turn:
-            raise ConfigError(
-                f"rollout.min_turn_tokens ({self.min_turn_tokens}) must be <= "
-                f"rollout.max_new_tokens_per_turn ({self.max_new_tokens_per_turn})"
-            )
-        if self.max_context_tokens <= self.min_turn_tokens:
-            raise ConfigError("rollout.max_context_tokens must exceed rollout.min_turn_tokens")
-        if not self.temperature >= 0:
-            raise ConfigError(f"rollout.temperature: must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p!r}")
-        if not self.stop or not all(isinstance(s, str) and s for s in self.stop):
-            raise ConfigError(f"rollout.stop: need non-empty strings, got {self.stop!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"rollout.schedule: one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.on_eos not in ("end", "feedback"):
-            raise ConfigError(f"rollout.on_eos: 'end' or 'feedback', got {self.on_eos!r}")
-        for name in ("feedback", "last_turn_notice"):
-            if extract_answer(getattr(self, name)) is not None:
-                raise ConfigError(
-                    f"rollout.{name}: contains a complete <answer> block, which would be "
-                    "graded as the model's answer"
-                )
-
 
 @dataclass
 class RolloutStats:
     """Where a run's time went (filled in place when passed to :func:`run_rollouts`).
 
     ``generator_calls``: ``generate`` calls (rounds) or decode steps (continuous); ``rounds``:
-    rounds, or the steps at which some turn ended (continuous).
+    the stream steps at which some turn ended (every step of the rounds schedule).
     """
 
     generation_seconds: float = 0.0
@@ -170,42 +117,6 @@ class _Active:
         return len(self.traj.prompt_ids) + len(self.traj.response_ids)
 
 
-def fit_information(
-    tokenizer: Any, passages: Sequence[Passage], budget: int, note: str = ""
-) -> tuple[str, list[int]] | None:
-    """The largest information block of at most ``budget`` tokens, or ``None`` if none fits.
-
-    Keeps the leading passages whole; when even the first one is too long, its text is cut at a
-    token boundary; when not even its title fits, an empty block. The wrapper and closing tag are
-    always complete.
-    """
-
-    def render(ps: Sequence[Passage]) -> tuple[str, list[int]]:
-        text = format_information(ps, note)
-        return text, list(tokenizer.encode(text, add_special_tokens=False))
-
-    for n in range(len(passages), 0, -1):
-        text, ids = render(passages[:n])
-        if len(ids) <= budget:
-            return text, ids
-    if passages:
-        first = passages[0]
-        text_ids = tokenizer.encode(first.text, add_special_tokens=False)
-        lo, hi, best = 0, len(text_ids) - 1, None
-        while lo <= hi:  # largest prefix of the text that fits
-            mid = (lo + hi) // 2
-            cut = tokenizer.decode(text_ids[:mid], skip_special_tokens=False).rstrip("\ufffd")
-            text, ids = render([Passage(first.id, first.title, cut, first.score)])
-            if len(ids) <= budget:
-                best, lo = (text, ids), mid + 1
-            else:
-                hi = mid - 1
-        if best is not None:
-            return best
-    text, ids = render([])
-    return (text, ids) if len(ids) <= budget else None
-
-
 class _Rollout:
     """One run of the loop: holds the collaborators, the config and the counters."""
 
@@ -219,37 +130,17 @@ class _Rollout:
         # single-turn methods cannot search: their rows stop only at the answer's closing tag
         self.stop = [s for s in cfg.stop if not (self.single_turn and "search" in s)]
         self._rag_passages: list[list[Passage] | None] = []
-        self._calls = 0
+        # the run's state (set by run)
+        self._examples: Sequence[QAExample] = []
+        self._prompts: list[list[int]] = []
+        self._pending: deque[tuple[int, int]] = deque()
+        self._active: dict[tuple[int, int], _Active] = {}
+        self._done: dict[tuple[int, int], Trajectory] = {}
+        self._bar: Any = None
 
     # ---- generation -------------------------------------------------------------------------
     def _budget(self, a: _Active) -> int:
         return min(self.cfg.max_new_tokens_per_turn, self.cfg.max_context_tokens - a.length)
-
-    def generate(self, rows: list[_Active]) -> list[Completion]:
-        """One completion per row; one generator call per distinct token budget."""
-        groups: dict[int, list[int]] = {}
-        for i, a in enumerate(rows):
-            groups.setdefault(self._budget(a), []).append(i)
-        out: list[Completion | None] = [None] * len(rows)
-        for budget, idx in sorted(groups.items(), reverse=True):
-            cfg = self.cfg
-            seed = None if cfg.seed is None else cfg.seed + self._calls
-            self._calls += 1
-            sampling = SamplingParams(budget, cfg.temperature, cfg.top_p, seed)
-            prompts = [rows[i].traj.prompt_ids + rows[i].traj.response_ids for i in idx]
-            t0 = time.perf_counter()
-            comps = self.generator.generate(prompts, sampling, stop=list(self.stop))
-            self.stats.generation_seconds += time.perf_counter() - t0
-            self.stats.generator_calls += 1
-            if len(comps) != len(prompts):
-                raise SearchRLError(
-                    f"generator returned {len(comps)} completions for {len(prompts)} prompts"
-                )
-            for i, c in zip(idx, comps):
-                self._check_completion(c)
-                self.stats.generated_tokens += len(c.token_ids)
-                out[i] = c
-        return out  # type: ignore[return-value]
 
     @staticmethod
     def _check_completion(c: Completion) -> None:
@@ -265,11 +156,7 @@ class _Rollout:
         if a.length + len(ids) + self.cfg.min_turn_tokens > self.cfg.max_context_tokens:
             a.traj.finish_reason = "context"
             return False
-        t = a.traj
-        t.response_ids += ids
-        t.loss_mask += [0] * len(ids)
-        t.sampler_logprobs += [0.0] * len(ids)
-        t.turns[-1].observation = text
+        a.traj.add_inserted(ids, text)
         self.stats.inserted_tokens += len(ids)
         return True
 
@@ -280,9 +167,7 @@ class _Rollout:
         """Record one completion; returns the query when the turn searches, else ``None``."""
         t, cfg = a.traj, self.cfg
         text = c.text or self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
-        t.response_ids += list(c.token_ids)
-        t.loss_mask += [1] * len(c.token_ids)
-        t.sampler_logprobs += [float(x) for x in c.logprobs]
+        t.add_sampled(list(c.token_ids), list(c.logprobs))
         final = self.single_turn or a.turns_done == cfg.max_turns
         action = parse_action(text, ("answer",) if self.single_turn else ("search", "answer"))
         turn = Turn(text=text, action=action.kind, finish_reason=c.finish_reason)
@@ -372,108 +257,79 @@ class _Rollout:
         return t
 
     def turn_seed(self, a: _Active) -> int | None:
-        """The seed of trajectory ``a``'s next turn under the continuous schedule."""
+        """The seed of trajectory ``a``'s next turn (a continuous stream seeds each row with it; a
+        batch stream takes one seed per call instead)."""
         if self.cfg.seed is None:
             return None
         entropy = [self.cfg.seed % 2**63, a.key[0], a.key[1], a.turns_done]
         return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
-    def run_continuous(
-        self, examples: Sequence[QAExample], n_samples: int, batch_size: int, progress: bool
-    ) -> list[Trajectory]:
-        """The continuous schedule (module doc) over a streaming generator."""
-        prompts = self.prompts(examples)
-        pending = deque((i, s) for i in range(len(examples)) for s in range(n_samples))
-        done: dict[tuple[int, int], Trajectory] = {}
-        active: dict[tuple[int, int], _Active] = {}
-        bar = tqdm(total=len(pending), desc=f"rollouts ({self.method})", unit="traj",
-                   disable=not progress, leave=False)  # fmt: skip
-        cfg = self.cfg
-        sampling = SamplingParams(cfg.max_new_tokens_per_turn, cfg.temperature, cfg.top_p)
-
-        with self.generator.stream(sampling, stop=list(self.stop)) as stream:  # type: ignore[attr-defined]
-            def end(a: _Active) -> None:
-                stream.release(a.key)
-                done[a.key] = self.finish(a)
-                active.pop(a.key, None)
-                bar.update(1)
-
-            def launch(a: _Active) -> None:
-                stream.add(a.key, a.traj.prompt_ids + a.traj.response_ids, self._budget(a), self.turn_seed(a))
-
-            def refill() -> None:
-                while pending and len(active) < batch_size:
-                    key = pending.popleft()
-                    a = self.admit(examples[key[0]], prompts[key[0]], key)
-                    active[key] = a
-                    if a.traj.finish_reason:  # the prompt leaves no room
-                        end(a)
-                    else:
-                        launch(a)
-
-            refill()
-            while active:
+    def run(
+        self, stream: GenerationStream, examples: Sequence[QAExample], n_samples: int,
+        batch_size: int, progress: bool,
+    ) -> list[Trajectory]:  # fmt: skip
+        """The one scheduler (module doc): keep ``batch_size`` trajectories in ``stream``, step it,
+        act on the turns that ended, queue the next turns, refill free slots."""
+        self._examples, self._prompts = examples, self.prompts(examples)
+        self._pending = deque((i, s) for i in range(len(examples)) for s in range(n_samples))
+        self._done, self._active = {}, {}
+        self._bar = tqdm(total=len(self._pending), desc=f"rollouts ({self.method})", unit="traj",
+                         disable=not progress, leave=False)  # fmt: skip
+        with stream:
+            self._refill(stream, batch_size)
+            while self._active:
                 if not stream.busy:
                     raise SearchRLError("rollout: trajectories in flight but the stream is idle")
-                t0 = time.perf_counter()
+                calls, t0 = stream.calls, time.perf_counter()
                 finished = stream.step()
                 self.stats.generation_seconds += time.perf_counter() - t0
-                self.stats.generator_calls += 1
-                if not finished:
-                    continue
-                self.stats.rounds += 1
-                searches = []
-                for key, c in finished:
-                    self._check_completion(c)
-                    self.stats.generated_tokens += len(c.token_ids)
-                    query = self.apply(active[key], c)
-                    if query is not None:
-                        searches.append((active[key], query))
-                self.observe(searches)
-                for key, _ in finished:
-                    a = active[key]
-                    if a.traj.finish_reason:
-                        end(a)
-                    else:
-                        launch(a)
-                refill()
-        bar.close()
-        self.stats.trajectories += len(done)
+                self.stats.generator_calls += stream.calls - calls
+                if finished:
+                    self._turns_ended(stream, finished)
+                    self._refill(stream, batch_size)
+        self._bar.close()
+        self.stats.trajectories += len(self._done)
         log.debug("rollouts done: %s", self.stats.as_dict())
-        return [done[k] for k in sorted(done)]
+        return [self._done[k] for k in sorted(self._done)]
 
-    def run(self, examples: Sequence[QAExample], n_samples: int, batch_size: int, progress: bool):
-        prompts = self.prompts(examples)
-        pending = deque((i, s) for i in range(len(examples)) for s in range(n_samples))
-        done: dict[tuple[int, int], Trajectory] = {}
-        active: list[_Active] = []
-        bar = tqdm(total=len(pending), desc=f"rollouts ({self.method})", unit="traj",
-                   disable=not progress, leave=False)  # fmt: skip
-        while active or pending:
-            while pending and len(active) < batch_size:
-                key = pending.popleft()
-                active.append(self.admit(examples[key[0]], prompts[key[0]], key))
-            runnable = [a for a in active if not a.traj.finish_reason]
-            if runnable:
-                self.stats.rounds += 1
-                searches = []
-                for a, c in zip(runnable, self.generate(runnable)):
-                    query = self.apply(a, c)
-                    if query is not None:
-                        searches.append((a, query))
-                self.observe(searches)
-            still = []
-            for a in active:
-                if a.traj.finish_reason:
-                    done[a.key] = self.finish(a)
-                    bar.update(1)
-                else:
-                    still.append(a)
-            active = still
-        bar.close()
-        self.stats.trajectories += len(done)
-        log.debug("rollouts done: %s", self.stats.as_dict())
-        return [done[k] for k in sorted(done)]
+    def _turns_ended(self, stream: GenerationStream, finished: list[tuple[Any, Completion]]) -> None:
+        """Apply each finished turn, run the step's searches in one call, queue the next turns."""
+        self.stats.rounds += 1
+        searches = []
+        for key, c in finished:
+            self._check_completion(c)
+            self.stats.generated_tokens += len(c.token_ids)
+            query = self.apply(self._active[key], c)
+            if query is not None:
+                searches.append((self._active[key], query))
+        self.observe(searches)
+        for key, _ in finished:
+            a = self._active[key]
+            if a.traj.finish_reason:
+                self._end(stream, a)
+            else:
+                self._launch(stream, a)
+
+    def _refill(self, stream: GenerationStream, batch_size: int) -> None:
+        """Admit pending (example, sample) pairs while fewer than ``batch_size`` are in flight."""
+        while self._pending and len(self._active) < batch_size:
+            key = self._pending.popleft()
+            a = self.admit(self._examples[key[0]], self._prompts[key[0]], key)
+            self._active[key] = a
+            if a.traj.finish_reason:  # the prompt leaves no room
+                self._end(stream, a)
+            else:
+                self._launch(stream, a)
+
+    def _launch(self, stream: GenerationStream, a: _Active) -> None:
+        context = a.traj.prompt_ids + a.traj.response_ids
+        stream.add(a.key, context, self._budget(a), self.turn_seed(a))
+
+    def _end(self, stream: GenerationStream, a: _Active) -> None:
+        stream.release(a.key)
+        self._done[a.key] = self.finish(a)
+        del self._active[a.key]
+        self._bar.update(1)
 
 
 def run_rollouts(
@@ -510,10 +366,14 @@ def run_rollouts(
                           "(use 'rounds' or 'auto')")  # fmt: skip
     prefers = can_stream and getattr(generator, "prefers_stream", False)
     continuous = cfg.schedule == "continuous" or (cfg.schedule == "auto" and prefers)
+    sampling = SamplingParams(cfg.max_new_tokens_per_turn, cfg.temperature, cfg.top_p, cfg.seed)
+    stop = list(run.stop)
     reset_cache(generator)  # nothing kept from earlier weights is used, nothing outlives the run
     try:
         if continuous:
-            return run.run_continuous(examples, n_samples, batch_size, progress)
-        return run.run(examples, n_samples, batch_size, progress)
+            stream = generator.stream(sampling, stop=stop)  # type: ignore[attr-defined]
+        else:
+            stream = BatchStream(generator, sampling, stop)
+        return run.run(stream, examples, n_samples, batch_size, progress)
     finally:
         reset_cache(generator)

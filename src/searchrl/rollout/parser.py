@@ -1,8 +1,7 @@
 """Parse the action a model took in one turn: a search query, a final answer, or nothing valid.
 
 The action is the *first complete* ``<search>…</search>`` or ``<answer>…</answer>`` block of the
-turn's text, whichever comes first. A block's content may not contain another opening tag, so in
-``<search> a <search> b </search>`` the complete block is ``<search> b </search>``. An empty search
+turn's text, whichever comes first (block rules: :mod:`searchrl.tags`). An empty search
 query is invalid; an empty answer is still an answer (it ends the episode and is graded as wrong).
 
 Left out: what to do with the action (the loop decides; e.g. a search on the last turn) and
@@ -11,11 +10,9 @@ answer grading (:mod:`searchrl.rewards`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 
-ACTION_KINDS = ("search", "answer")
+from searchrl.tags import ACTION_KINDS, first_block
 
 
 @dataclass(frozen=True)
@@ -24,13 +21,6 @@ class Action:
 
     kind: str
     content: str = ""
-
-
-@lru_cache(maxsize=8)
-def _block_pattern(kinds: tuple[str, ...]) -> re.Pattern[str]:
-    alt = "|".join(re.escape(k) for k in kinds)
-    # <kind> then any text that opens no other action block, then the matching </kind>
-    return re.compile(rf"<({alt})>((?:(?!<(?:{alt})>).)*?)</\1>", re.DOTALL)
 
 
 def parse_action(text: str, allowed: tuple[str, ...] = ACTION_KINDS) -> Action:
@@ -51,10 +41,10 @@ def parse_action(text: str, allowed: tuple[str, ...] = ACTION_KINDS) -> Action:
     >>> parse_action("<search>q</search><answer>a</answer>", allowed=("answer",))
     Action(kind='answer', content='a')
     """
-    m = _block_pattern(tuple(allowed)).search(text)
-    if m is None:
+    block = first_block(text, tuple(allowed))
+    if block is None:
         return Action("invalid")
-    kind, content = m.group(1), m.group(2).strip()
+    kind, content = block
     if kind == "search" and not content:
         return Action("invalid")
     return Action(kind, content)

@@ -43,9 +43,9 @@ class ModelBundle:
     gen_model: torch.nn.Module | None = None  # FSDP: an unsharded local copy that generates
 
     def generator(self) -> Any:
-        """An :class:`~searchrl.rollout.hf.HFGenerator` over the policy (under FSDP, over its local
-        unsharded copy), with these precision settings."""
-        from searchrl.rollout.hf import HFGenerator
+        """An :class:`~searchrl.rollout.engine.hf.HFGenerator` over the policy (under FSDP, over its
+        local unsharded copy), with these precision settings."""
+        from searchrl.rollout.engine.hf import HFGenerator
 
         model = self.gen_model if self.gen_model is not None else self.policy
         return HFGenerator(model, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)

@@ -48,15 +48,9 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
 
     d = cfg.data
     if not d.train_files:
-        from searchrl.data.qa import load_qa
-        from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
-
-        options = {"filler": d.world_filler} if d.world_filler != 1.0 else {}
-        world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES, **options)
-        questions = load_qa(world / "questions.jsonl")
+        questions, corpus_path = synthetic_world(d)
         train = [q for q in questions if q.split == "train"]
         evals = [q for q in questions if q.split == "test"]
-        corpus_path = world / "corpus.jsonl"
     else:
         train = load_qa_many(d.train_files, split="train")
         evals = []
@@ -76,6 +70,18 @@ def load_data(cfg: TrainConfig) -> tuple[list[QAExample], list[QAExample], Any]:
         raise SearchRLError("no training questions (check data.train_files and their split)")
     retriever = make_retriever(cfg, corpus_path)
     return train, evals, retriever
+
+
+def synthetic_world(d: Any) -> tuple[list[QAExample], Path]:
+    """The synthetic world of ``d`` (a :class:`~searchrl.training.config.DataConfig`): its questions
+    (every split) and its corpus file, generated and cached on first use. The one place the world
+    is built from the config (training data, warm-start demonstrations, ``searchrl eval``)."""
+    from searchrl.data.qa import load_qa
+    from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
+
+    options = {"filler": d.world_filler} if d.world_filler != 1.0 else {}
+    world = ensure_default_world(d.world_seed, d.world_entities or DEFAULT_ENTITIES, **options)
+    return load_qa(world / "questions.jsonl"), world / "corpus.jsonl"
 
 
 def _within_hops(examples: list[QAExample], max_hops: int) -> list[QAExample]:
@@ -135,15 +141,11 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     tok = models.tokenizer
     pool, demo_retriever = train, retriever
     if not any(q.extra.get("hops") for q in train):
-        from searchrl.data.world import DEFAULT_ENTITIES, ensure_default_world
-        from searchrl.data.qa import load_qa
-
-        options = {"filler": cfg.data.world_filler} if cfg.data.world_filler != 1.0 else {}
-        world = ensure_default_world(cfg.data.world_seed, cfg.data.world_entities or DEFAULT_ENTITIES, **options)
-        pool = [q for q in load_qa(world / "questions.jsonl") if q.split == "train"]
+        questions, corpus_path = synthetic_world(cfg.data)
+        pool = [q for q in questions if q.split == "train"]
         if cfg.data.max_hops:
             pool = _within_hops(pool, cfg.data.max_hops)
-        demo_retriever = bm25_over(world / "corpus.jsonl")
+        demo_retriever = bm25_over(corpus_path)
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
                            method=cfg.method)
@@ -151,13 +153,14 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
                        cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp)
-    _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
+    if models.dist.main:
+        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
     # The reference is the model RL starts from: a copy of the warm-started weights, or (LoRA) the
     # base with the warm-start adapter folded in, saved since LoRA checkpoints hold adapters only.
     if models.reference is not None:
         models.reference.load_state_dict(models.policy.state_dict())
     merged = models.restart_adapter()
-    if merged:
+    if merged and models.dist.main:
         from searchrl.training.models import save_base_weights
 
         save_base_weights(merged, out / WARMSTART_BASE)
@@ -185,8 +188,12 @@ def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever,
 
 
 def export_model(models, path: Path) -> Path:
-    """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``."""
-    policy = models.policy.merge_and_unload() if models.uses_lora else models.policy
+    """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``.
+
+    Under FSDP the (synced) unsharded generation copy is what gets saved."""
+    policy = models.gen_model if models.gen_model is not None else models.policy
+    if models.uses_lora:
+        policy = policy.merge_and_unload()
     tmp = path.with_name(path.name + ".tmp")
     policy.save_pretrained(tmp)
     models.tokenizer.save_pretrained(tmp)
@@ -198,64 +205,108 @@ def export_model(models, path: Path) -> Path:
     return path
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run the configured job (see module doc); returns ``summary.json``'s content."""
-    from searchrl.training.checkpoint import list_checkpoints
-    from searchrl.training.models import build_models, load_base_weights
-    from searchrl.training.trainer import Trainer
-
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
+def _open_run_dir(cfg: TrainConfig, out: Path, resume: bool, dist) -> None:
+    """Refuse to mix runs in one folder (every rank checks before rank 0 writes anything)."""
     if out.exists() and any(out.iterdir()) and not resume:
         raise SearchRLError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    if dist.enabled and cfg.model.lora_r > 0 and cfg.parallel.strategy == "fsdp":
+        raise SearchRLError("LoRA on several processes: use parallel.strategy=replicate (adapters are small)")
+    dist.barrier()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    dist.barrier()
 
-    train, evals, retriever = load_data(cfg)
-    log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
-    models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic)
-    tok = models.tokenizer
-    generator = models.generator()
-    trainer = Trainer(cfg, models, retriever, train, generator=generator)
+
+def _start(cfg: TrainConfig, trainer, train: list[QAExample], retriever, out: Path, resume: bool) -> bool:
+    """Resume from the newest checkpoint, or warm-start and save step 0; True when resumed."""
+    from searchrl.training.checkpoint import list_checkpoints
+    from searchrl.training.models import load_base_weights
+
+    models = trainer.models
     if resume and models.uses_lora and (out / WARMSTART_BASE).exists():
         load_base_weights(models.policy, out / WARMSTART_BASE)
     resumed = resume and trainer.resume()
-
     if not resumed and cfg.warmstart.steps > 0:
         _warm_start(cfg, models, train, retriever, out)
     if not list_checkpoints(out):
         trainer.save()  # step 0 = the model RL starts from, so --resume never redoes the warm-start
-    before_path = out / "eval_before.json"
-    if cfg.eval_before and evals and not before_path.exists():
-        _evaluate(cfg, evals, generator, retriever, tok, out, "eval_before")
+    return resumed
 
-    bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="RL", unit="step")
+
+def _evaluate_on_rank0(cfg: TrainConfig, trainer, evals, retriever, out: Path, name: str) -> dict | None:
+    """Evaluate the current policy on rank 0 (the others wait); its metrics there, None elsewhere."""
+    models = trainer.models
+    models.sync_generation_copy()  # collective under FSDP: every rank takes part
+    metrics = None
+    if models.dist.main:
+        metrics = _evaluate(cfg, evals, trainer.generator, retriever, models.tokenizer, out, name)
+    models.dist.barrier()
+    return metrics
+
+
+def _train(cfg: TrainConfig, trainer, train, evals, retriever, out: Path) -> None:
+    """The RL loop (or the paper's SFT / rejection-sampling baselines), with a progress bar."""
+    main = trainer.dist.main
+    bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="RL", unit="step", disable=not main)
 
     def on_step(m: dict) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.2f}", srch=f"{m['searches_per_traj']:.2f}",
                         len=f"{m['response_length']:.0f}")
         if cfg.eval_every and m["step"] % cfg.eval_every == 0 and m["step"] < cfg.steps and evals:
-            val = _evaluate(cfg, evals, generator, retriever, tok, out, f"eval_step{m['step']}")
-            trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
-                                "val_searches": val["avg"]["searches_per_question"]})
+            val = _evaluate_on_rank0(cfg, trainer, evals, retriever, out, f"eval_step{m['step']}")
+            if val is not None:
+                trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
+                                    "val_searches": val["avg"]["searches_per_question"]})
 
     if cfg.mode == "rl":
         trainer.fit(on_step=on_step)
-    elif trainer.step_idx < cfg.steps:  # the paper's SFT / rejection-sampling baselines
-        _supervised_baseline(cfg, trainer, train, generator, retriever, out)
+    elif trainer.step_idx < cfg.steps:
+        if trainer.dist.enabled:
+            raise SearchRLError(f"mode={cfg.mode} runs on one process; drop --nproc / torchrun")
+        _supervised_baseline(cfg, trainer, train, trainer.generator, retriever, out)
     bar.close()
+
+
+def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run the configured job (see module doc); returns ``summary.json``'s content (on rank 0;
+    other ranks of a multi-process job return ``{}``)."""
+    from searchrl.models import resolve_device
+    from searchrl.training.distributed import init_from_env
+    from searchrl.training.models import build_models
+    from searchrl.training.trainer import Trainer
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    dist = init_from_env(resolve_device(cfg.model.device), cfg.parallel.timeout_s)
+    _open_run_dir(cfg, out, resume, dist)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    train, evals, retriever = load_data(cfg)
+    log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
+    models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic,
+                          dist=dist, parallel=cfg.parallel)
+    trainer = Trainer(cfg, models, retriever, train, generator=models.generator())
+    resumed = _start(cfg, trainer, train, retriever, out, resume)
+    before_path = out / "eval_before.json"
+    if cfg.eval_before and evals and not before_path.exists():
+        _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_before")
+    _train(cfg, trainer, train, evals, retriever, out)
+    after = _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_after") if evals else None
+    models.sync_generation_copy()  # what export_model saves under FSDP
+    if not dist.main:
+        return {}
     summary: dict[str, Any] = {"steps": trainer.step_idx}
-    if evals:
-        after = _evaluate(cfg, evals, generator, retriever, tok, out, "eval_after")
+    if after is not None:
         if before_path.exists():
             summary["eval_before"] = _headline(json.loads(before_path.read_text()))
         summary["eval_after"] = _headline(after)
     prev = json.loads((out / "summary.json").read_text()) if resumed and (out / "summary.json").exists() else {}
     summary["wall_seconds"] = round(time.perf_counter() - t_start + prev.get("wall_seconds", 0.0), 1)
     summary["config"] = to_dict(cfg)
+    summary["world_size"] = dist.world
     summary["model"] = str(export_model(models, out / "model"))
     _write_json(out / "summary.json", summary)
     if cfg.report:

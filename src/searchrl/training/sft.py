@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from searchrl.rewards import exact_match
-from searchrl.rollout.generator import Completion, SamplingParams
+from searchrl.rollout.engine.protocol import Completion, SamplingParams
 from searchrl.rollout.loop import RolloutConfig, run_rollouts
 from searchrl.training.batch import collate, micro_batches, response_logprobs
 from searchrl.types import QAExample, Trajectory

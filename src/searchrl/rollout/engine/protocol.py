@@ -9,7 +9,6 @@ Log-probs are the sampled tokens' log-probabilities under the raw model's
 ``softmax(logits / temperature)`` (temperature 1 when greedy), before any top-p truncation (vLLM
 returns its ``logprobs_mode`` values, by default at temperature 1): with the RL settings
 (temperature 1, top-p 1) every backend returns the policy's own log-probabilities.
-:func:`make_generator` builds a backend by name.
 
 A backend may keep state across calls that depends on the weights (the ``hf`` backend keeps KV
 caches): it then also implements :class:`ResettableGenerator` (``reset_cache()``), and callers
@@ -21,6 +20,8 @@ A backend that can run a *continuous batch* also implements :class:`StreamingGen
 (``stream()`` returns a :class:`GenerationStream`: rows are added under a key, each ``step()``
 advances every running row by one token and returns the rows that finished), so the multi-turn
 loop can put a trajectory's next turn back into the batch as soon as its observation is ready.
+The loop drives every backend through a stream: a batch-only one through
+:class:`~searchrl.rollout.engine.batch_stream.BatchStream` (rounds).
 """
 
 from __future__ import annotations
@@ -80,15 +81,21 @@ class ResettableGenerator(Generator, Protocol):
 
 @runtime_checkable
 class GenerationStream(Protocol):
-    """A continuous batch: rows join and leave between decode steps (see
-    :class:`~searchrl.rollout.hf.HFStream`). Opened as a context manager."""
+    """A continuous batch: rows join and leave between steps (see
+    :class:`~searchrl.rollout.engine.hf.HFStream`; any batch :class:`Generator` becomes one, run
+    as rounds, through :class:`~searchrl.rollout.engine.batch_stream.BatchStream`). Opened as a
+    context manager. ``calls`` counts the backend's invocations so far (``step`` calls of a
+    continuous batch, ``generate`` calls of a batch adapter)."""
+
+    calls: int
 
     def add(self, key: Any, prompt: list[int], max_new_tokens: int, seed: int | None = None) -> None:
         """Queue one row under ``key``; it joins the batch at the next step."""
         ...
 
     def step(self) -> list[tuple[Any, Completion]]:
-        """Advance every row one token; return the rows that finished, as ``(key, Completion)``."""
+        """Advance the rows (one token each, or a batch backend: to their end); return the rows
+        that finished, as ``(key, Completion)``."""
         ...
 
     def release(self, key: Any) -> None:
@@ -100,6 +107,10 @@ class GenerationStream(Protocol):
         """Whether a row is queued or running."""
         ...
 
+    def __enter__(self) -> GenerationStream: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
 
 @runtime_checkable
 class StreamingGenerator(Generator, Protocol):
@@ -110,7 +121,8 @@ class StreamingGenerator(Generator, Protocol):
     prefers_stream: bool
 
     def stream(self, sampling: SamplingParams, stop: list[str] | None = None) -> GenerationStream:
-        """A stream sampling with ``sampling``'s temperature and top-p."""
+        """A stream sampling with ``sampling``'s temperature and top-p (budgets and seeds are
+        per row)."""
         ...
 
 
@@ -119,55 +131,3 @@ def reset_cache(generator: Any) -> None:
     reset = getattr(generator, "reset_cache", None)
     if callable(reset):
         reset()
-
-
-GENERATOR_KINDS = ("hf", "vllm")
-
-
-def make_generator(
-    kind: str = "hf",
-    *,
-    model: Any = None,
-    tokenizer: Any = None,
-    model_path: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-    **kwargs: Any,
-) -> Generator:
-    """Build a generation backend by name.
-
-    ``hf``: wraps ``model``/``tokenizer`` when given (e.g. the policy being trained), else loads
-    ``model_path`` (default: SmolLM2-135M-Instruct) with ``dtype`` (default float32) and
-    ``device`` (default cpu); ``kwargs`` go to :class:`~searchrl.rollout.hf.HFGenerator`
-    (``batch_size``, ``eos_token_ids``, ``kv_reuse``, ``kv_keep_calls``).
-    ``vllm``: a :class:`~searchrl.rollout.vllm_backend.VLLMGenerator` over ``model_path`` (default:
-    the cached SmolLM2 folder; vLLM picks its own device); ``kwargs`` go to the vLLM engine.
-
-    >>> make_generator("tgi")
-    Traceback (most recent call last):
-    ...
-    searchrl.errors.ConfigError: generator kind: unknown 'tgi'; valid: hf, vllm
-    """
-    from searchrl.errors import ConfigError
-
-    if kind == "hf":
-        from searchrl.models import load_model
-        from searchrl.rollout.hf import HFGenerator
-
-        if model is None:
-            model, loaded_tokenizer = load_model(
-                model_path, dtype=dtype or "float32", device=device or "cpu"
-            )
-            tokenizer = tokenizer or loaded_tokenizer
-        elif tokenizer is None:
-            raise ConfigError("generator: a tokenizer must be given with the model")
-        return HFGenerator(model, tokenizer, device=device, **kwargs)
-    if kind == "vllm":
-        from searchrl.rollout.vllm_backend import VLLMGenerator
-
-        if model is not None:
-            raise ConfigError("generator: the vllm backend loads its own model; pass model_path")
-        if dtype is not None:
-            kwargs.setdefault("dtype", dtype)
-        return VLLMGenerator(model_path, **kwargs)
-    raise ConfigError(f"generator kind: unknown {kind!r}; valid: {', '.join(GENERATOR_KINDS)}")

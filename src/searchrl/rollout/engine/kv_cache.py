@@ -1,4 +1,4 @@
-"""KV-cache reuse for :class:`~searchrl.rollout.hf.HFGenerator`: kept rows, shared prefixes.
+"""KV-cache reuse for :class:`~searchrl.rollout.engine.hf.HFGenerator`: kept rows, shared prefixes.
 
 Pieces (all on plain per-layer key/value tensors of a transformers ``DynamicCache``):
 

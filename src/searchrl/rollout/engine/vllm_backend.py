@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from searchrl.errors import SearchRLError
-from searchrl.rollout.generator import Completion, SamplingParams
+from searchrl.rollout.engine.protocol import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,7 @@ class VLLMGenerator:
         self.stop_token_ids = eos_token_ids(self.tokenizer)
 
     def generate(
-        self,
-        prompts: list[list[int]],
-        sampling: SamplingParams,
-        stop: list[str] | None = None,
+        self, prompts: list[list[int]], sampling: SamplingParams, stop: list[str] | None = None
     ) -> list[Completion]:
         """One completion per prompt, in order."""
         if any(len(p) == 0 for p in prompts):
