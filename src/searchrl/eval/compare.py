@@ -191,7 +191,7 @@ def paired_difference(
     """
     if metrics is None:
         flagged = any(q.answerable is not None for q in a.values())
-        metrics = (*METRICS, "em_answerable") if flagged else METRICS
+        metrics = ("em", "em_answerable", *METRICS[1:]) if flagged else METRICS
     vectors = _vectors(a, b, metrics)
     diffs = {g: {m: None if p is None else p[1] - p[0] for m, p in ms.items()} for g, ms in vectors.items()}
     ci = grouped_intervals(diffs, resamples, seed)

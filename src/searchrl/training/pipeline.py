@@ -241,6 +241,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
         if before_path.exists():
             summary["eval_before"] = _headline(json.loads(before_path.read_text()))
         summary["eval_after"] = _headline(after)
+        from searchrl.eval.compare import run_gain  # before -> after with its paired 95% interval
+
+        summary["gain"] = run_gain(out)
     prev = json.loads((out / "summary.json").read_text()) if resumed and (out / "summary.json").exists() else {}
     summary["wall_seconds"] = round(time.perf_counter() - t_start + prev.get("wall_seconds", 0.0), 1)
     summary["config"] = to_dict(cfg)
