@@ -14,8 +14,9 @@ are percentile bootstrap intervals over questions:
   and hard questions) cancels out: it is narrower than comparing two separate intervals when the
   runs are correlated, and exactly ``[0, 0]`` for identical runs.
 
-Randomness is a seeded NumPy generator per (seed, group, metric), so an interval does not change
-when other datasets or metrics are added, and the same call always gives the same numbers.
+Randomness is a seeded NumPy generator per (seed, group, number of values): the metrics of one
+dataset share their resamples (the same questions drawn), an interval does not change when other
+datasets or metrics are added, and the same call always gives the same numbers.
 ``DEFAULT_RESAMPLES`` (2,000) puts the Monte Carlo error of a 95 % percentile bound at about 1 % of
 the interval's width.
 
@@ -75,19 +76,22 @@ def rng_for(seed: int, *names: str) -> np.random.Generator:
 def resample_means(values: Sequence[float] | np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """Means of ``resamples`` bootstrap samples of ``values`` (``n`` draws with replacement each).
 
-    values: (n,) with n >= 1. Returns (resamples,).
+    values: (n,) or (n, k) with n >= 1: the columns of a matrix share the draws (same questions).
+    Returns (resamples,) or (resamples, k).
     """
     x = np.asarray(values, dtype=np.float64)
-    n = x.shape[0]
+    cols = x.reshape(x.shape[0], -1).T.copy()  # (k, n): contiguous columns
+    n = cols.shape[1]
     if n == 0:
         raise ValueError("cannot resample an empty vector")
-    out = np.empty(resamples, dtype=np.float64)
+    out = np.empty((resamples, cols.shape[0]), dtype=np.float64)
     step = max(1, _CHUNK_VALUES // n)
     for start in range(0, resamples, step):
         b = min(step, resamples - start)
-        idx = rng.integers(0, n, size=(b, n))  # (b, n)
-        out[start : start + b] = x[idx].mean(axis=1)
-    return out
+        idx = rng.integers(0, n, size=(b, n), dtype=np.int64 if n > 2**31 - 1 else np.int32)  # (b, n)
+        for j, col in enumerate(cols):
+            out[start : start + b, j] = col[idx].mean(axis=1)
+    return out if x.ndim > 1 else out[:, 0]
 
 
 def percentile_bounds(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
@@ -118,15 +122,18 @@ def grouped_intervals(
     per_group: dict[str, dict[str, Interval | None]] = {}
     reps: dict[str, list[tuple[np.ndarray, float, int]]] = {}
     for name, metrics in groups.items():
-        per_group[name] = {}
+        per_group[name] = {m: None for m in metrics}
+        by_size: dict[int, list[str]] = {}  # metrics over the same questions share the draws
         for metric, values in metrics.items():
-            if values is None or len(values) == 0:
-                per_group[name][metric] = None
-                continue
-            x = np.asarray(values, dtype=np.float64)
-            r = resample_means(x, resamples, rng_for(seed, name, metric))
-            per_group[name][metric] = Interval(float(x.mean()), *percentile_bounds(r, level), len(x))
-            reps.setdefault(metric, []).append((r, float(x.mean()), len(x)))
+            if values is not None and len(values) > 0:
+                by_size.setdefault(len(values), []).append(metric)
+        for n, names in by_size.items():
+            x = np.column_stack([np.asarray(metrics[m], dtype=np.float64) for m in names])  # (n, k)
+            r = resample_means(x, resamples, rng_for(seed, name, str(n)))  # (resamples, k)
+            for j, metric in enumerate(names):
+                mean = float(x[:, j].mean())
+                per_group[name][metric] = Interval(mean, *percentile_bounds(r[:, j], level), n)
+                reps.setdefault(metric, []).append((r[:, j], mean, n))
     avg: dict[str, Interval | None] = {}
     for metric in dict.fromkeys(m for ms in groups.values() for m in ms):
         parts = reps.get(metric)
