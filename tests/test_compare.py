@@ -60,6 +60,8 @@ def test_compare_matches_the_metrics_and_the_paired_bootstrap(tmp_path):
         avg = r["avg"][metric]
         assert avg["a"] == pytest.approx(ma["avg"][metric]) and avg["b"] == pytest.approx(mb["avg"][metric])
     assert r["datasets"]["nq"]["em_answerable"]["n"] == 45 and r["avg"]["em_answerable"]["n"] == 90
+    unflagged = write(tmp_path / "unflagged.jsonl", [{k: v for k, v in x.items() if k != "answerable"} for x in a])
+    assert compare_files(unflagged, pb)["avg"]["em_answerable"]["n"] == 90  # B's flags count
     # the interval is the paired bootstrap of the per-question EM, stratified by dataset
     def em(records):
         return {s: [float(x["answer"] == "Paris") for x in records if x["source"] == s] for s in ("nq", "hotpotqa")}

@@ -50,6 +50,8 @@ def test_seeds_loop_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
         assert gain["after"] == summary["eval_after"]["em"]
         assert gain["gain"] == pytest.approx(gain["after"] - gain["before"])
         assert gain["ci95"][0] <= gain["gain"] + 1e-9 <= gain["ci95"][1] + 2e-9
+        rec = json.loads((run / "eval_after_trajectories.jsonl").read_text().splitlines()[0])
+        assert {"answerable", "em", "f1"} <= set(rec)  # the same records as `searchrl eval` writes
         row = result["per_seed"][str(seed)]
         assert (row["before"], row["after"], row["gain"], row["ci95"]) == (
             gain["before"], gain["after"], gain["gain"], gain["ci95"])

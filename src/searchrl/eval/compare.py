@@ -150,18 +150,24 @@ def check_same_questions(a: dict[str, Question], b: dict[str, Question], path_a:
 
 
 # ------------------------------------------------------------------------------ the comparison
+def _answerable(a: dict[str, Question], b: dict[str, Question]) -> dict[str, bool | None]:
+    """Each question's flag: A's, or B's where A's file does not record it."""
+    return {i: q.answerable if q.answerable is not None else b[i].answerable for i, q in a.items()}
+
+
 def _vectors(a: dict[str, Question], b: dict[str, Question], metrics: Sequence[str]):
     """Per dataset (A's order) and metric, the (A, B) per-question values, paired by position."""
     groups: dict[str, list[str]] = {}
     for qid, q in a.items():
         groups.setdefault(q.source, []).append(qid)
-    flagged = any(q.answerable is not None for q in a.values())
+    flags = _answerable(a, b)
+    flagged = any(f is not None for f in flags.values())
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray] | None]] = {}
     for name, ids in groups.items():
         out[name] = {}
         for m in metrics:
             if m == "em_answerable":
-                keep = [i for i in ids if a[i].answerable] if flagged else ids
+                keep = [i for i in ids if flags[i]] if flagged else ids
                 key = "em"
             else:
                 keep, key = ids, m
@@ -190,7 +196,7 @@ def paired_difference(
     (``em_answerable`` without answerable questions) is ``None`` there.
     """
     if metrics is None:
-        flagged = any(q.answerable is not None for q in a.values())
+        flagged = any(f is not None for f in _answerable(a, b).values())
         metrics = ("em", "em_answerable", *METRICS[1:]) if flagged else METRICS
     vectors = _vectors(a, b, metrics)
     diffs = {g: {m: None if p is None else p[1] - p[0] for m, p in ms.items()} for g, ms in vectors.items()}

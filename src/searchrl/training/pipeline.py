@@ -109,14 +109,14 @@ def bm25_over(corpus_path: str | Path) -> Any:
 
 
 def _evaluate(cfg: TrainConfig, examples, generator, retriever, tokenizer, out: Path, name: str) -> dict:
-    from searchrl.eval.runner import evaluate
+    from searchrl.eval.runner import evaluate, trajectory_record
 
     metrics, trajs = evaluate(examples, generator, retriever, tokenizer, cfg.eval_rollout,
                               method=cfg.method, batch_size=cfg.rollout_batch_size, progress=True)
     _write_json(out / f"{name}.json", metrics)
     with open(out / f"{name}_trajectories.jsonl", "w") as f:
         for t in trajs:
-            f.write(json.dumps(t.to_dict()) + "\n")
+            f.write(json.dumps(trajectory_record(t)) + "\n")  # + answerable flag and scores, as `searchrl eval`
     return metrics
 
 
