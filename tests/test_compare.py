@@ -120,6 +120,22 @@ def test_cli_tables_json_and_run_folders(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["bootstrap"] == {**out["bootstrap"], "resamples": 500, "seed": 3}
 
 
+def test_grouping_by_hop_count(tmp_path, capsys):
+    a, b = two_runs(n=20)
+    for recs in (a, b):
+        for i, r in enumerate(recs):
+            r["num_hops"] = 1 + i % 2
+    pa, pb = write(tmp_path / "a.jsonl", a), write(tmp_path / "b.jsonl", b)
+    r = compare_files(pa, pb, metrics=("em",), by="num_hops")
+    assert list(r["datasets"]) == ["num_hops=1", "num_hops=2"] and r["datasets"]["num_hops=2"]["n"] == 20
+    two = [float(x["answer"] == "Paris") for x in b if x["num_hops"] == 2]
+    assert r["datasets"]["num_hops=2"]["em"]["b"] == pytest.approx(np.mean(two))
+    assert main(["compare", str(pa), str(pb), "--by", "num_hops", "--metrics", "em"]) == 0
+    assert "| num_hops=1 | 20 |" in capsys.readouterr().out
+    assert main(["compare", str(pa), str(pb), "--by", "colour"]) == 2
+    assert "no 'colour' field" in capsys.readouterr().err
+
+
 def test_different_questions_and_bad_input_are_clear_errors(tmp_path, capsys):
     a, b = two_runs(n=10)
     pa = write(tmp_path / "a.jsonl", a)
@@ -153,5 +169,12 @@ def test_run_gain_for_the_training_summary(tmp_path, caplog):
     assert (g["before"], g["after"], g["gain"], g["ci95"]) == (
         r["avg"]["em"]["a"], r["avg"]["em"]["b"], r["avg"]["em"]["diff"], r["avg"]["em"]["ci95"])
     assert set(g["datasets"]) == {"nq", "hotpotqa"} and g["datasets"]["nq"]["n"] == 30
+    assert "by_hops" not in g  # real datasets: no hop counts
+    for name, recs in (("before", a), ("after", b)):
+        write(run / f"eval_{name}_trajectories.jsonl", [{**x, "num_hops": 1 + (i >= 30)} for i, x in enumerate(recs)])
+    g = run_gain(run)
+    assert set(g["by_hops"]) == {"1", "2"} and g["by_hops"]["1"]["n"] == 30
+    assert g["by_hops"]["1"] == {k: g["datasets"]["nq"][k] for k in ("n", "before", "after", "gain")} | {
+        "ci95": g["by_hops"]["1"]["ci95"]}  # the first 30 questions are nq's
     write(run / "eval_before_trajectories.jsonl", a[:-1])
     assert run_gain(run) is None and "not evaluations of the same questions" in caplog.text

@@ -171,6 +171,9 @@ def test_summarize_records_match_trajectories():
     records = [json.loads(json.dumps(trajectory_record(t))) for t in trajs]
     assert summarize(records) == summarize(trajs)
     assert [r["em"] for r in records] == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert "num_hops" not in records[0]
+    trajs[0].example.extra["num_hops"] = 2
+    assert trajectory_record(trajs[0])["num_hops"] == 2  # kept for `searchrl compare --by num_hops`
     mixed = summarize(records[:3] + trajs[3:])
     assert mixed == summarize(trajs)
 

@@ -41,6 +41,7 @@ def test_seeds_loop_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     result = json.loads((out / "seeds.json").read_text())
     assert result["seeds"] == [0, 1] and "| mean |" in printed and "seeds.json" in printed
+    assert "1-hop 0.000 -> 0.000 (+0.000)" in printed  # the random model never answers
     for seed in (0, 1):
         run = out / f"seed-{seed}"
         summary = json.loads((run / "summary.json").read_text())
@@ -50,6 +51,7 @@ def test_seeds_loop_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
         assert gain["after"] == summary["eval_after"]["em"]
         assert gain["gain"] == pytest.approx(gain["after"] - gain["before"])
         assert gain["ci95"][0] <= gain["gain"] + 1e-9 <= gain["ci95"][1] + 2e-9
+        assert set(gain["by_hops"]) <= {"1", "2"} and sum(e["n"] for e in gain["by_hops"].values()) == 6
         rec = json.loads((run / "eval_after_trajectories.jsonl").read_text().splitlines()[0])
         assert {"answerable", "em", "f1"} <= set(rec)  # the same records as `searchrl eval` writes
         row = result["per_seed"][str(seed)]

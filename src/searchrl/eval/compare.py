@@ -12,7 +12,8 @@ An evaluation is a trajectory file (one JSON record per trajectory, as ``searchr
 
 Each file is scored again from its answers and gold answers (:func:`searchrl.eval.runner.score_record`),
 and the trajectories of a question are averaged first (greedy evaluation has one per question;
-sampled ones may have several). Both files must hold the same question ids. For each metric
+sampled ones may have several). Questions are grouped by dataset, or by another record field
+(``--by num_hops``: the synthetic world's hop count). Both files must hold the same question ids. For each metric
 (EM, F1, substring EM, searches per question, and EM over answerable questions when the data flags
 them) the result has, per dataset and for the macro average over datasets (as ``avg`` in
 ``metrics.json``): A's and B's means, the difference ``B - A`` and its 95 % paired bootstrap
@@ -93,16 +94,18 @@ def resolve_pair(a: str, b: str | None) -> tuple[Path, Path]:
 
 @dataclass
 class Question:
-    """One question's scores, averaged over its trajectories."""
+    """One question's scores, averaged over its trajectories; ``group``: its dataset (or the value
+    of the field the comparison groups by)."""
 
-    source: str
+    group: str
     answerable: bool | None
     scores: dict[str, float] = field(default_factory=dict)
     samples: int = 0
 
 
-def load_questions(path: Path) -> dict[str, Question]:
-    """Per question id (in file order), its dataset, flag and mean scores over its trajectories."""
+def load_questions(path: Path, by: str = "source") -> dict[str, Question]:
+    """Per question id (in file order), its group (the dataset, or ``FIELD=value`` of the record
+    field ``by``, e.g. ``num_hops=2``), answerable flag and mean scores over its trajectories."""
     from searchrl.eval.runner import score_record
 
     sums: dict[str, Question] = {}
@@ -116,7 +119,9 @@ def load_questions(path: Path) -> dict[str, Question]:
                 s = score_record(rec)
             except (ValueError, KeyError, TypeError) as e:
                 raise DataFormatError(str(path), n, f"not a trajectory record ({e})") from None
-            q = sums.setdefault(qid, Question(s.source, s.answerable))
+            if by != "source" and rec.get(by) is None:
+                raise DataFormatError(str(path), n, f"no {by!r} field to group the questions by")
+            q = sums.setdefault(qid, Question(s.source if by == "source" else f"{by}={rec[by]}", s.answerable))
             values = (s.em, s.f1, s.subem, float(s.searches))
             for key, v in zip(_PER_QUESTION, values):
                 q.scores[key] = q.scores.get(key, 0.0) + v
@@ -159,7 +164,7 @@ def _vectors(a: dict[str, Question], b: dict[str, Question], metrics: Sequence[s
     """Per dataset (A's order) and metric, the (A, B) per-question values, paired by position."""
     groups: dict[str, list[str]] = {}
     for qid, q in a.items():
-        groups.setdefault(q.source, []).append(qid)
+        groups.setdefault(q.group, []).append(qid)
     flags = _answerable(a, b)
     flagged = any(f is not None for f in flags.values())
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray] | None]] = {}
@@ -203,7 +208,7 @@ def paired_difference(
     ci = grouped_intervals(diffs, resamples, seed)
     datasets: dict[str, Any] = {}
     for g, ms in vectors.items():
-        datasets[g] = {"n": sum(1 for q in a.values() if q.source == g)}
+        datasets[g] = {"n": sum(1 for q in a.values() if q.group == g)}
         datasets[g].update({m: _entry(ms[m], ci["datasets"][g][m]) for m in metrics})
     avg: dict[str, Any] = {"n": len(a)}
     for m in metrics:
@@ -217,11 +222,12 @@ def paired_difference(
 
 
 def compare_files(path_a: Path, path_b: Path, metrics: Sequence[str] | None = None,
-                  resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """:func:`paired_difference` of two trajectory files, with their paths and samples per question."""
-    a, b = load_questions(path_a), load_questions(path_b)
+                  resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, by: str = "source") -> dict[str, Any]:
+    """:func:`paired_difference` of two trajectory files, with their paths and samples per question;
+    ``by``: the record field that groups questions (``source`` = per dataset)."""
+    a, b = load_questions(path_a, by), load_questions(path_b, by)
     check_same_questions(a, b, path_a, path_b)
-    result = {"a": str(path_a), "b": str(path_b),
+    result = {"a": str(path_a), "b": str(path_b), "by": by,
               "samples_per_question": {"a": max(q.samples for q in a.values()),
                                        "b": max(q.samples for q in b.values())}}  # fmt: skip
     result.update(paired_difference(a, b, metrics, resamples, seed))
@@ -231,8 +237,9 @@ def compare_files(path_a: Path, path_b: Path, metrics: Sequence[str] | None = No
 def run_gain(run_dir: str | Path, metric: str = "em") -> dict[str, Any] | None:
     """A training run's before -> after change in ``metric`` with its paired 95 % interval, per
     dataset and macro-averaged: ``{"metric", "n", "before", "after", "gain", "ci95", "datasets":
-    {name: {"n", "before", "after", "gain", "ci95"}}, "bootstrap"}``; ``None`` (with a warning)
-    when the run lacks either evaluation or they cover different questions."""
+    {name: {"n", "before", "after", "gain", "ci95"}}, "bootstrap"}``, and ``"by_hops": {hops: {...}}``
+    when the records carry ``num_hops`` (the synthetic world); ``None`` (with a warning) when the
+    run lacks either evaluation or they cover different questions."""
     run = Path(run_dir)
     before, after = _run_eval(run, BEFORE), _run_eval(run, AFTER)
     if not (before and after):
@@ -246,9 +253,16 @@ def run_gain(run_dir: str | Path, metric: str = "em") -> dict[str, Any] | None:
     def entry(e: dict[str, Any]) -> dict[str, Any]:
         return {"n": e["n"], "before": e["a"], "after": e["b"], "gain": e["diff"], "ci95": e["ci95"]}
 
-    return {"metric": metric, **entry(r["avg"][metric]),
+    gain = {"metric": metric, **entry(r["avg"][metric]),
             "datasets": {g: entry(ms[metric]) for g, ms in r["datasets"].items() if ms[metric]},
             "bootstrap": r["bootstrap"]}  # fmt: skip
+    try:
+        hops = compare_files(before, after, metrics=(metric,), by="num_hops")
+    except DataFormatError:  # no hop counts (real datasets)
+        return gain
+    gain["by_hops"] = {g.split("=", 1)[1]: entry(ms[metric]) for g, ms in sorted(hops["datasets"].items())
+                       if ms[metric]}  # fmt: skip
+    return gain
 
 
 # ------------------------------------------------------------------------------ printing and the CLI
@@ -263,7 +277,7 @@ def format_comparison(result: dict[str, Any]) -> str:
         lines.append(f"(trajectories averaged per question first: up to {samples['a']} in A, {samples['b']} in B)")
     lines.append(f"B - A over {result['n']} paired questions; {int(boot['level'] * 100)}% paired bootstrap "
                  f"intervals ({boot['resamples']} resamples, seed {boot['seed']}); avg = macro average "
-                 "over datasets")  # fmt: skip
+                 f"over {'datasets' if result.get('by', 'source') == 'source' else result['by'] + ' groups'}")
     names = ordered_datasets(list(result["datasets"]))
     metrics = [m for m in result["avg"] if m != "n"]
     for m in metrics:
@@ -296,6 +310,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                    help=f"bootstrap resamples (default: {DEFAULT_RESAMPLES})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default: {DEFAULT_SEED})")
+    p.add_argument("--by", default="source", metavar="FIELD",
+                   help="group questions by this record field instead of the dataset (e.g. num_hops)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of tables")
     p.set_defaults(func=cmd_compare)
 
@@ -316,6 +332,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     metrics = _metric_list(args.metrics)
     path_a, path_b = resolve_pair(args.a, args.b)
-    result = compare_files(path_a, path_b, metrics, args.resamples, args.seed)
+    result = compare_files(path_a, path_b, metrics, args.resamples, args.seed, by=args.by)
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
     return 0

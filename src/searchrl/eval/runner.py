@@ -105,10 +105,13 @@ def score_record(record: Mapping[str, Any]) -> Scored:
 
 
 def trajectory_record(traj: Trajectory) -> dict[str, Any]:
-    """``traj.to_dict()`` plus the example's ``answerable`` flag and the scores, one JSON line."""
+    """``traj.to_dict()`` plus the example's ``answerable`` flag, its ``num_hops`` (where the data
+    has it) and the scores, one JSON line."""
     rec = traj.to_dict()
     s = score_trajectory(traj)
     rec.update(answerable=s.answerable, em=s.em, subem=s.subem, f1=s.f1)
+    if traj.example.extra.get("num_hops") is not None:
+        rec["num_hops"] = traj.example.extra["num_hops"]
     return rec
 
 

@@ -3,7 +3,7 @@
 :func:`run_seeds` trains each seed in turn into ``OUT/seed-S`` (``OUT`` = ``--out`` or the config's
 ``out``; only ``seed`` and ``out`` change between runs) and writes ``OUT/seeds.json``
 (:func:`seeds_summary`): per seed the held-out EM before and after RL and the gain with its 95 %
-paired bootstrap interval over questions (the run's ``summary.json`` ``gain``, see
+paired bootstrap interval over questions (per dataset and per hop count too, where known) (the run's ``summary.json`` ``gain``, see
 :func:`searchrl.eval.compare.run_gain`), then over the seeds the mean, min and max gain, and an
 interval for the mean gain: per question the gain averaged over the seeds, then the same paired
 bootstrap over questions. With ``--resume`` a seed whose run finished (its ``summary.json``
@@ -92,7 +92,7 @@ def _mean_gain_interval(base: Path, seeds: list[int]) -> list[float] | None:
                 return None
             for qid, q in a.items():
                 gains.setdefault(qid, []).append(b[qid].scores["em"] - q.scores["em"])
-                sources[qid] = q.source
+                sources[qid] = q.group
     except SearchRLError as e:
         log.warning("no interval for the mean gain: %s", e)
         return None
@@ -114,7 +114,7 @@ def seeds_summary(base: str | Path, summaries: dict[int, dict[str, Any]]) -> dic
             "before": g.get("before", (s.get("eval_before") or {}).get("em")),
             "after": g.get("after", (s.get("eval_after") or {}).get("em")),
             "gain": g.get("gain"), "ci95": g.get("ci95"), "n": g.get("n"),
-            "datasets": g.get("datasets"), "wall_seconds": s.get("wall_seconds"),
+            "datasets": g.get("datasets"), "by_hops": g.get("by_hops"), "wall_seconds": s.get("wall_seconds"),
         }  # fmt: skip
     gains = [r["gain"] for r in per_seed.values() if r["gain"] is not None]
     befores = [r["before"] for r in per_seed.values() if r["before"] is not None]
@@ -146,12 +146,16 @@ def format_seeds(result: dict[str, Any]) -> str:
     def ci(b: list[float] | None) -> str:
         return "-" if not b else f"[{b[0]:+.3f}, {b[1]:+.3f}]"
 
-    lines = ["| seed | n | EM before | EM after | gain | 95% interval |", "|---|---|---|---|---|---|"]
+    def hops(r: dict[str, Any]) -> str:
+        by = r.get("by_hops") or {}
+        return ", ".join(f"{h}-hop {f(e['before'])} -> {f(e['after'])} ({f(e['gain'], True)})" for h, e in by.items())
+
+    lines = ["| seed | n | EM before | EM after | gain | 95% interval | by hop count |", "|---|---|---|---|---|---|---|"]
     for seed, r in result["per_seed"].items():
         lines.append(f"| {seed} | {r['n'] or '-'} | {f(r['before'])} | {f(r['after'])} | {f(r['gain'], True)} "
-                     f"| {ci(r['ci95'])} |")  # fmt: skip
+                     f"| {ci(r['ci95'])} | {hops(r) or '-'} |")  # fmt: skip
     g = result["gain"]
     lines.append(f"| mean | | {f(result['before_mean'])} | {f(result['after_mean'])} | {f(g['mean'], True)} "
-                 f"| {ci(g['mean_ci95'])} |")  # fmt: skip
+                 f"| {ci(g['mean_ci95'])} | |")  # fmt: skip
     lines.append(f"\nmin gain {f(g['min'], True)}, max gain {f(g['max'], True)} over {len(result['seeds'])} seeds")
     return "\n".join(lines)
