@@ -73,6 +73,16 @@ def test_seeds_loop_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "--seeds or seed=N" in capsys.readouterr().err
 
 
+def test_single_run_prints_its_gain(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEARCHRL_CACHE", str(tmp_path / "cache"))
+    args = [a for a in train_args(tiny_model_dir, tmp_path / "run") if a not in ("--seeds", "0,1")]
+    assert main(args) == 0
+    gain = json.loads((tmp_path / "run" / "summary.json").read_text())["gain"]
+    lo, hi = gain["ci95"]
+    assert f"EM gain {gain['gain']:+.3f}, 95% paired interval [{lo:+.3f}, {hi:+.3f}] over 6 questions" in (
+        capsys.readouterr().out)
+
+
 def test_parse_seeds_refuses_bad_lists():
     assert parse_seeds("2,0") == [2, 0]
     for bad in ("0,x", "", "1,1"):
