@@ -171,8 +171,40 @@ def test_summarize_records_match_trajectories():
     records = [json.loads(json.dumps(trajectory_record(t))) for t in trajs]
     assert summarize(records) == summarize(trajs)
     assert [r["em"] for r in records] == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert "num_hops" not in records[0]
+    trajs[0].example.extra["num_hops"] = 2
+    assert trajectory_record(trajs[0])["num_hops"] == 2  # kept for `searchrl compare --by num_hops`
     mixed = summarize(records[:3] + trajs[3:])
     assert mixed == summarize(trajs)
+
+
+def test_summarize_adds_an_interval_for_every_metric_and_keeps_the_old_shape():
+    trajs = hand_made()
+    m = summarize(trajs)
+    assert set(m) == {"datasets", "avg", "ci95", "bootstrap"}
+    assert set(m["datasets"]["nq"]) == set(METRIC_KEYS) and set(m["avg"]) == set(METRIC_KEYS)
+    plain = summarize(trajs, resamples=0)  # the old output, exactly
+    assert set(plain) == {"datasets", "avg"}
+    assert plain["datasets"] == m["datasets"] and plain["avg"] == m["avg"]
+    ci = m["ci95"]
+    for name, metrics in [*m["datasets"].items(), ("avg", m["avg"])]:
+        bounds = ci["avg"] if name == "avg" else ci["datasets"][name]
+        assert set(bounds) == set(METRIC_KEYS) - {"n"}
+        for key, b in bounds.items():
+            if metrics[key] is None:
+                assert b is None, (name, key)
+            else:
+                assert b[0] <= metrics[key] + 1e-9 and metrics[key] <= b[1] + 1e-9, (name, key, b)
+    assert ci["datasets"]["hotpotqa"]["em"] == [1.0, 1.0]  # every answer right: no spread
+    lo, hi = ci["datasets"]["nq"]["em"]  # EM 1, 0, 0, 0
+    assert lo == 0.0 and 0.5 <= hi <= 0.75
+    assert ci["datasets"]["nq"]["em_answerable"][1] <= 1.0 and ci["datasets"]["musique"]["em_answerable"] is None
+    assert summarize(trajs) == m  # seeded
+    assert summarize(trajs, seed=1)["bootstrap"]["seed"] == 1
+    table = metrics_table(m, rows=("em", "n"), intervals=True)
+    assert f"| EM | 0.250 [0.000, {hi:.3f}] | 1.000 [1.000, 1.000] |" in table
+    assert "| questions | 4 | 2 | 1 | 7 |" in table
+    assert metrics_table(m) == metrics_table(plain)  # intervals only on request
 
 
 def test_tables_render_paper_layout():
@@ -216,7 +248,10 @@ def test_eval_cli_end_to_end(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| metric | NQ | HotpotQA | avg |" in printed and "| questions | 3 | 3 | 6 |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"datasets", "avg"}
+    assert set(metrics) == {"datasets", "avg", "ci95", "bootstrap"}
+    assert set(metrics["ci95"]["datasets"]["nq"]) == set(METRIC_KEYS) - {"n"}
+    assert metrics["bootstrap"]["resamples"] == 2000 and metrics["bootstrap"]["level"] == 0.95
+    assert "95% bootstrap intervals" in printed
     assert set(metrics["datasets"]) == {"nq", "hotpotqa"} and metrics["avg"]["n"] == 6
     lines = read_lines(out / "trajectories.jsonl")
     assert sorted(r["id"] for r in lines) == sorted(f"{s}_{i}" for s in QUESTIONS for i in range(3))

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "searchrl.data.cli",  # world
     "searchrl.retrieval.cli",  # index, search, serve
     "searchrl.eval.cli",  # eval, ask
+    "searchrl.eval.compare",  # compare
     "searchrl.training.cli",  # train
 ]
 

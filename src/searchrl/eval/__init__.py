@@ -1,5 +1,6 @@
-"""Evaluation: the benchmark runner (:mod:`.runner`), tables and traces (:mod:`.tables`), and the
-``searchrl eval | ask`` commands (:mod:`.cli`).
+"""Evaluation: the benchmark runner (:mod:`.runner`), tables and traces (:mod:`.tables`), the
+``searchrl eval | ask`` commands (:mod:`.cli`), bootstrap intervals (:mod:`.stats`) and the paired
+comparison of two evaluations, ``searchrl compare`` (:mod:`.compare`).
 
 Left out here: training-side baselines (SFT, rejection sampling); their checkpoints are evaluated
 like any other model folder (``searchrl eval --model PATH``).

@@ -2,7 +2,8 @@
 
 ``eval`` writes into ``--out``: ``eval_config.json`` (what was run), ``trajectories.jsonl`` (one
 :func:`~searchrl.eval.runner.trajectory_record` per line, appended and flushed chunk by chunk)
-and, at the end, ``metrics.json`` (see :mod:`searchrl.eval.runner`); it prints a markdown table.
+and, at the end, ``metrics.json`` (see :mod:`searchrl.eval.runner`: every metric with its 95 %
+bootstrap interval); it prints a markdown table.
 Re-running the same command **resumes**: ids already in ``trajectories.jsonl`` are not run again
 (a half-written last line from a killed run is dropped) and the metrics are recomputed over every
 selected example. A folder made by a run whose settings change the trajectories (data, split,
@@ -401,7 +402,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = summarize([r for i, r in finished.items() if i in wanted])
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"\n{args.method} on {len(examples)} questions ({len(todo)} run now in {seconds:.0f}s)\n")
-    print(metrics_table(metrics))
+    print(metrics_table(metrics, intervals=True))
+    print(f"[brackets]: 95% bootstrap intervals over questions ({metrics['bootstrap']['resamples']} resamples)")
     print(f"\nwrote {out / METRICS_FILE} and {out / TRAJ_FILE}")
     return 0
 

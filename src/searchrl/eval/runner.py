@@ -6,7 +6,9 @@
 
     {"datasets": {name: {"n", "em", "subem", "f1", "em_answerable",
                          "searches_per_question", "turns", "response_tokens", "answer_in_text"}},
-     "avg": {same keys}}
+     "avg": {same keys},
+     "ci95": {"datasets": {name: {metric: [low, high]}}, "avg": {metric: [low, high]}},
+     "bootstrap": {"method": "percentile", "level": 0.95, "resamples": 2000, "seed": 0, ...}}
 
 Datasets are the examples' ``source`` (in order of first appearance). Per dataset every value is a
 mean over its trajectories, except ``n`` (their count) and ``em_answerable``: EM over the examples
@@ -19,8 +21,14 @@ answer occurs as whole words anywhere in the model's own turns (observations exc
 ``<answer>`` block needed), which tells a model that knows (or read) the answer but ignores the
 format from one that does not know it.
 
-Left out: output folders, resumption and printing (see :mod:`searchrl.eval.cli`), significance
-tests, and sampling several answers per question (pass@k).
+``ci95`` holds a 95 % bootstrap interval for every metric but ``n`` (percentile intervals over
+questions, seeded, 2,000 resamples by default; the average's interval resamples each dataset
+within itself: see :mod:`searchrl.eval.stats`). It sits beside ``datasets`` and ``avg``, which keep
+their shape, so readers of the older files work unchanged.
+
+Left out: output folders, resumption and printing (see :mod:`searchrl.eval.cli`), paired
+comparisons of two runs (see :mod:`searchrl.eval.compare`), and sampling several answers per
+question (pass@k).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from searchrl.eval.stats import (
+    DEFAULT_RESAMPLES, DEFAULT_SEED, Interval, bootstrap_settings, grouped_intervals,
+)  # fmt: skip
 from searchrl.rewards import exact_match, f1_score, subem
 from searchrl.rollout.config import RolloutConfig
 from searchrl.rollout.loop import run_rollouts
@@ -95,10 +106,13 @@ def score_record(record: Mapping[str, Any]) -> Scored:
 
 
 def trajectory_record(traj: Trajectory) -> dict[str, Any]:
-    """``traj.to_dict()`` plus the example's ``answerable`` flag and the scores, one JSON line."""
+    """``traj.to_dict()`` plus the example's ``answerable`` flag, its ``num_hops`` (where the data
+    has it) and the scores, one JSON line."""
     rec = traj.to_dict()
     s = score_trajectory(traj)
     rec.update(answerable=s.answerable, em=s.em, subem=s.subem, f1=s.f1)
+    if traj.example.extra.get("num_hops") is not None:
+        rec["num_hops"] = traj.example.extra["num_hops"]
     return rec
 
 
@@ -106,20 +120,29 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def metric_values(rows: list[Scored]) -> dict[str, list[float] | None]:
+    """Per metric (all of ``METRIC_KEYS`` but ``n``), the per-question values it is the mean of:
+    ``em_answerable`` has the answerable questions' EM only (``None`` when flagged questions exist
+    but none is answerable)."""
+    v: dict[str, list[float] | None] = {}
+    v["em"] = [r.em for r in rows]
+    v["subem"] = [r.subem for r in rows]
+    v["f1"] = [r.f1 for r in rows]
+    if any(r.answerable is not None for r in rows):
+        v["em_answerable"] = [r.em for r in rows if r.answerable] or None
+    else:
+        v["em_answerable"] = v["em"]
+    v["searches_per_question"] = [float(r.searches) for r in rows]
+    v["turns"] = [float(r.turns) for r in rows]
+    v["response_tokens"] = [float(r.response_tokens) for r in rows]
+    v["answer_in_text"] = [r.in_text for r in rows]
+    return {k: v[k] for k in METRIC_KEYS[1:]}
+
+
 def _dataset_metrics(rows: list[Scored]) -> dict[str, Any]:
     m: dict[str, Any] = {"n": len(rows)}
-    m["em"] = _mean([r.em for r in rows])
-    m["subem"] = _mean([r.subem for r in rows])
-    m["f1"] = _mean([r.f1 for r in rows])
-    if any(r.answerable is not None for r in rows):
-        m["em_answerable"] = _mean([r.em for r in rows if r.answerable])
-    else:
-        m["em_answerable"] = m["em"]
-    m["searches_per_question"] = _mean([float(r.searches) for r in rows])
-    m["turns"] = _mean([float(r.turns) for r in rows])
-    m["response_tokens"] = _mean([float(r.response_tokens) for r in rows])
-    m["answer_in_text"] = _mean([r.in_text for r in rows])
-    return {k: m[k] for k in METRIC_KEYS}
+    m.update({k: _mean(vals or []) for k, vals in metric_values(rows).items()})
+    return m
 
 
 def macro_average(datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -136,15 +159,43 @@ def macro_average(datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return avg
 
 
-def summarize(trajectories: Iterable[Trajectory | Mapping[str, Any]]) -> dict[str, Any]:
-    """Metrics per dataset and their macro average (see the module doc) from trajectories or
-    ``trajectories.jsonl`` records (as written by :func:`trajectory_record`), mixed freely."""
+def _bounds(interval: Interval | None) -> list[float] | None:
+    return None if interval is None else interval.bounds()
+
+
+def score_groups(trajectories: Iterable[Trajectory | Mapping[str, Any]]) -> dict[str, list[Scored]]:
+    """Scored trajectories (objects or ``trajectories.jsonl`` records) by dataset, in order."""
     groups: dict[str, list[Scored]] = {}
     for t in trajectories:
         s = score_trajectory(t) if isinstance(t, Trajectory) else score_record(t)
         groups.setdefault(s.source, []).append(s)
+    return groups
+
+
+def summarize(
+    trajectories: Iterable[Trajectory | Mapping[str, Any]],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, Any]:
+    """Metrics per dataset and their macro average (see the module doc) from trajectories or
+    ``trajectories.jsonl`` records (as written by :func:`trajectory_record`), mixed freely.
+
+    With ``resamples > 0`` it adds ``ci95`` (``{"datasets": {name: {metric: [low, high]}},
+    "avg": {metric: [low, high]}}``, ``None`` where the metric is ``None``; no entry for ``n``)
+    and ``bootstrap`` (how: :func:`searchrl.eval.stats.bootstrap_settings`): 95 % percentile
+    bootstrap intervals over questions, seeded (see :mod:`searchrl.eval.stats`).
+    """
+    groups = score_groups(trajectories)
     datasets = {name: _dataset_metrics(rows) for name, rows in groups.items()}
-    return {"datasets": datasets, "avg": macro_average(datasets)}
+    out: dict[str, Any] = {"datasets": datasets, "avg": macro_average(datasets)}
+    if resamples > 0:
+        ci = grouped_intervals({name: metric_values(rows) for name, rows in groups.items()}, resamples, seed)
+        out["ci95"] = {
+            "datasets": {name: {k: _bounds(i) for k, i in ms.items()} for name, ms in ci["datasets"].items()},
+            "avg": {k: _bounds(i) for k, i in ci["avg"].items()},
+        }
+        out["bootstrap"] = bootstrap_settings(resamples, seed)
+    return out
 
 
 def run_scored(

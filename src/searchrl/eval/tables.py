@@ -1,7 +1,8 @@
 """Plain-text renderings of evaluation results: markdown tables and a readable agent trace.
 
 * :func:`metrics_table`: one run's metrics with datasets as columns, as in the Search-R1 paper
-  (EM per dataset and the average, then the other metrics as further rows).
+  (EM per dataset and the average, then the other metrics as further rows), optionally with
+  each value's 95 % interval.
 * :func:`comparison_table`: several runs (methods, checkpoints) as rows, one metric per table.
 * :func:`format_trace`: one trajectory as thinking, queries, retrieved titles with scores, answer
   and finish reason (what ``searchrl ask`` prints).
@@ -46,24 +47,40 @@ def ordered_datasets(names: Sequence[str]) -> list[str]:
     return known + [d for d in names if d not in DATASET_ORDER]
 
 
-def _cell(key: str, value: Any) -> str:
+def format_cell(key: str, value: Any, signed: bool = False) -> str:
+    """One metric value as the tables print it (``signed``: with its sign, for differences).
+
+    >>> format_cell("em", 0.5), format_cell("em", -0.05, signed=True), format_cell("turns", None)
+    ('0.500', '-0.050', '-')
+    """
     if value is None:
         return "-"
     if key == "n":
         return str(int(value))
+    sign = "+" if signed else ""
     if key in ("em", "em_answerable", "subem", "f1", "answer_in_text"):
-        return f"{value:.3f}"
-    return f"{value:.2f}" if key != "response_tokens" else f"{value:.0f}"
+        return f"{value:{sign}.3f}"
+    return f"{value:{sign}.2f}" if key != "response_tokens" else f"{value:{sign}.0f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def metrics_table(metrics: Mapping[str, Any], rows: Sequence[str] = DEFAULT_ROWS) -> str:
-    """Markdown table of one run: a row per metric, a column per dataset, then ``avg``.
+def _with_interval(key: str, value: Any, bounds: Any) -> str:
+    cell = format_cell(key, value)
+    if value is None or key == "n" or not bounds or None in bounds:
+        return cell
+    return f"{cell} [{format_cell(key, bounds[0])}, {format_cell(key, bounds[1])}]"
+
+
+def metrics_table(metrics: Mapping[str, Any], rows: Sequence[str] = DEFAULT_ROWS,
+                  intervals: bool = False) -> str:
+    """Markdown table of one run: a row per metric, a column per dataset, then ``avg``. With
+    ``intervals`` each value is followed by its 95 % interval from ``metrics["ci95"]`` (when the
+    metrics carry one, see :func:`searchrl.eval.runner.summarize`).
 
     >>> m = {"datasets": {"nq": {"n": 2, "em": 0.5}}, "avg": {"n": 2, "em": 0.5}}
     >>> print(metrics_table(m, rows=("em", "n")))
@@ -75,8 +92,14 @@ def metrics_table(metrics: Mapping[str, Any], rows: Sequence[str] = DEFAULT_ROWS
     names = ordered_datasets(list(metrics["datasets"]))
     header = ["metric"] + [SHORT_NAMES.get(n, n) for n in names] + ["avg"]
     cols = [metrics["datasets"][n] for n in names] + [metrics["avg"]]
-    body = [[ROW_LABELS.get(k, k)] + [_cell(k, c.get(k)) for c in cols] for k in rows]
-    return _markdown(header, body)
+    ci = metrics.get("ci95") if intervals else None
+    if ci:
+        cis = [ci.get("datasets", {}).get(n, {}) for n in names] + [ci.get("avg", {})]
+        body = [[ROW_LABELS.get(k, k)] + [_with_interval(k, c.get(k), i.get(k)) for c, i in zip(cols, cis)]
+                for k in rows]  # fmt: skip
+    else:
+        body = [[ROW_LABELS.get(k, k)] + [format_cell(k, c.get(k)) for c in cols] for k in rows]
+    return markdown_table(header, body)
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]], key: str = "em") -> str:
@@ -97,9 +120,9 @@ def comparison_table(runs: Mapping[str, Mapping[str, Any]], key: str = "em") -> 
     header = ["method"] + [SHORT_NAMES.get(n, n) for n in names] + ["avg"]
     body = []
     for label, m in runs.items():
-        cells = [_cell(key, m["datasets"].get(n, {}).get(key)) for n in names]
-        body.append([label] + cells + [_cell(key, m["avg"].get(key))])
-    return _markdown(header, body)
+        cells = [format_cell(key, m["datasets"].get(n, {}).get(key)) for n in names]
+        body.append([label] + cells + [format_cell(key, m["avg"].get(key))])
+    return markdown_table(header, body)
 
 
 def _wrap(label: str, text: str, width: int, indent: str = "  ") -> list[str]:

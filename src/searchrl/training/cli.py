@@ -10,6 +10,7 @@ import argparse
 import json
 
 from searchrl.config import describe, load_yaml_config
+from searchrl.errors import ConfigError
 from searchrl.training.config import TrainConfig
 
 
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (same as out=DIR)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): one run per seed into OUT/seed-S, "
+                   "then OUT/seeds.json with the gains (see searchrl.training.seeds)")
     p.set_defaults(func=run)
 
 
@@ -34,6 +37,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"out={args.out}")
     cfg = load_yaml_config(TrainConfig, args.config, overrides)  # fails before any work on a bad value
+    if args.seeds:
+        from searchrl.training.seeds import format_seeds, parse_seeds, run_seeds
+
+        seeds = parse_seeds(args.seeds)
+        if any(o.split("=", 1)[0].strip() == "seed" for o in args.overrides):
+            raise ConfigError("give either --seeds or seed=N, not both")
+        print(format_seeds(run_seeds(cfg, seeds, resume=args.resume)) + f"\nwrote {cfg.out}/seeds.json")
+        return 0
     from searchrl.training.pipeline import run_training
 
     summary = run_training(cfg, resume=args.resume)
@@ -42,5 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if before and after:
         print(f"held-out EM: {before['em']:.3f} before RL -> {after['em']:.3f} after {summary['steps']} steps "
               f"(searches/question {before['searches_per_question']:.2f} -> {after['searches_per_question']:.2f})")
+    if summary.get("gain"):
+        g = summary["gain"]
+        print(f"EM gain {g['gain']:+.3f}, 95% paired interval [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] "
+              f"over {g['n']} questions")
     print(f"wall time: {summary['wall_seconds']:.0f} s; report: {cfg.out}/report/index.html")
     return 0

@@ -118,14 +118,14 @@ def bm25_over(corpus_path: str | Path) -> Any:
 
 
 def _evaluate(cfg: TrainConfig, examples, generator, retriever, tokenizer, out: Path, name: str) -> dict:
-    from searchrl.eval.runner import evaluate
+    from searchrl.eval.runner import evaluate, trajectory_record
 
     metrics, trajs = evaluate(examples, generator, retriever, tokenizer, cfg.eval_rollout_config,
                               method=cfg.method, batch_size=cfg.rollout_batch_size, progress=True)
     _write_json(out / f"{name}.json", metrics)
     with open(out / f"{name}_trajectories.jsonl", "w") as f:
         for t in trajs:
-            f.write(json.dumps(t.to_dict()) + "\n")
+            f.write(json.dumps(trajectory_record(t)) + "\n")  # + answerable flag and scores, as `searchrl eval`
     return metrics
 
 
@@ -303,6 +303,9 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
         if before_path.exists():
             summary["eval_before"] = _headline(json.loads(before_path.read_text()))
         summary["eval_after"] = _headline(after)
+        from searchrl.eval.compare import run_gain  # before -> after with its paired 95% interval
+
+        summary["gain"] = run_gain(out)
     prev = json.loads((out / "summary.json").read_text()) if resumed and (out / "summary.json").exists() else {}
     summary["wall_seconds"] = round(time.perf_counter() - t_start + prev.get("wall_seconds", 0.0), 1)
     summary["config"] = to_dict(cfg)
