@@ -45,3 +45,44 @@ def test_two_ranks_update_like_one_process(tmp_path, strategy, estimator, tiny_t
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
     moved = sum(int((one[n] != load_file(str(tmp_path / "one" / "weights.safetensors"))[n]).sum()) for n in one)
     assert moved == 0  # (sanity: the file read twice is the same)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    from searchrl.testing import tiny_random_lm
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_random_lm(tiny_tokenizer, seed=0).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def _train_cmd(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "searchrl.cli", "train", f"out={out}", f"model.name={model_dir}", "model.amp=off",
+            "save_every=1", "keep_checkpoints=5", "prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4",
+            "micro_batch_size=2", "algo.kl_coef=0.01", "data.world_entities=60", "data.eval_limit=2",
+            "warmstart.steps=0", "rollout.max_turns=1", "rollout.max_new_tokens_per_turn=16",
+            "rollout.min_turn_tokens=8", "report=false", *extra]
+
+
+def test_train_cli_runs_on_two_processes_and_resumes_on_one(tiny_model_dir, tmp_path):
+    """`searchrl train --nproc 2` (torchrun, gloo, FSDP2): rank 0 writes the run; its consolidated
+    checkpoint then continues in a plain one-process run."""
+    import json
+
+    env = dict(_env(), SEARCHRL_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    res = subprocess.run([*_train_cmd(tiny_model_dir, out, "steps=2"), "--nproc", "2"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert [m["step"] for m in steps] == [1, 2]  # rank 0 alone logs
+    assert (out / "model" / "config.json").exists()
+    res = subprocess.run([*_train_cmd(tiny_model_dir, out, "steps=3"), "--resume"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "step-000002" in res.stderr
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert [m["step"] for m in steps] == [1, 2, 3]

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 from searchrl.config import describe, load_yaml_config
-from searchrl.errors import ConfigError
+from searchrl.errors import ConfigError, SearchRLError
 from searchrl.training.config import TrainConfig
 
 
@@ -23,12 +26,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (same as out=DIR)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="training processes on this machine (launches torchrun; one per GPU, or 1 thread each on CPU; "
+                        "for several machines run torchrun yourself, see the README)")
     p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): one run per seed into OUT/seed-S, "
                    "then OUT/seeds.json with the gains (see searchrl.training.seeds)")
     p.set_defaults(func=run)
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Re-run this command under ``torchrun --nproc-per-node N`` (single machine) and wait for it."""
+    argv = ["train", *args.overrides]
+    for flag in ("config", "out", "seeds"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    if args.resume:
+        argv.append("--resume")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "searchrl.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # CPU ranks share the cores; set it to use more
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise SearchRLError(f"the {args.nproc}-process job failed (exit status {code}; the failing rank's error "
+                            "is printed above); its last checkpoint is intact: continue with --resume")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ConfigError("--nproc: must be >= 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args)
     if args.help_config:
         for name, default, help_text in describe(TrainConfig):
             print(f"{name:36s} {json.dumps(default):28s} {help_text}")
@@ -48,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from searchrl.training.pipeline import run_training
 
     summary = run_training(cfg, resume=args.resume)
+    if not summary:  # a rank other than 0 of a multi-process job: rank 0 reports
+        return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")
     print(f"\nrun directory: {cfg.out}")
     if before and after:
