@@ -30,6 +30,7 @@ from searchrl.config import to_dict
 from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
 from searchrl.rollout.loop import SCHEDULES, RolloutConfig
+from searchrl.runlock import hold_run_lock
 from searchrl.rollout.prompts import PROMPT_METHODS
 from searchrl.types import QAExample
 
@@ -287,6 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = eval_config(args, rollout_config(args))
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out)  # a second process on this --out is refused (runlock.py)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     finished = read_finished(out / TRAJ_FILE)
     todo = [ex for ex in examples if ex.id not in finished]

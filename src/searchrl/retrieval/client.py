@@ -279,7 +279,7 @@ class HttpRetriever:
 
     def _unavailable(self, path: str, last: str, rounds: int, t0: float) -> RetrieverUnavailable:
         return RetrieverUnavailable(
-            f"retrieval server(s) {self.url} unavailable for {path} after {rounds * len(self.urls)} "
+            f"retrieval server(s) {self.url}{path} unavailable after {rounds * len(self.urls)} "
             f"attempt(s) over {time.monotonic() - t0:.1f}s (last: {last}); "
             "is `searchrl serve` running there?"
         )

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from searchrl.config import save_yaml_config, to_dict
 from searchrl.errors import SearchRLError
+from searchrl.runlock import hold_run_lock
 from searchrl.training.config import TrainConfig
+from searchrl.training.signals import StopOnSignal
 from searchrl.types import QAExample
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def make_retriever(cfg: TrainConfig, corpus_path: str | Path | None) -> Any:
     if d.retriever_url:
         from searchrl.retrieval.client import HttpRetriever
 
-        return HttpRetriever(d.retriever_url)
+        return HttpRetriever(d.retriever_url, wait=d.retriever_wait)
     if d.index:
         from searchrl.retrieval.index import load_index
 
@@ -199,6 +201,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     if out.exists() and any(out.iterdir()) and not resume:
         raise SearchRLError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out)  # a second process on this --out is refused (runlock.py)
     save_yaml_config(cfg, out / "config.yaml")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -220,6 +223,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
         _evaluate(cfg, evals, generator, retriever, tok, out, "eval_before")
 
     bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="RL", unit="step")
+    stop = StopOnSignal()
 
     def on_step(m: dict) -> None:
         bar.update(1)
@@ -229,9 +233,12 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
             val = _evaluate(cfg, evals, generator, retriever, tok, out, f"eval_step{m['step']}")
             trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
                                 "val_searches": val["avg"]["searches_per_question"]})
+        if stop.should_stop():  # SIGTERM / SIGINT: checkpoint this step, then stop (signals.py)
+            stop.check(m["step"], trainer.save())
 
     if cfg.mode == "rl":
-        trainer.fit(on_step=on_step)
+        with stop:
+            trainer.fit(on_step=on_step)
     elif trainer.step_idx < cfg.steps:  # the paper's SFT / rejection-sampling baselines
         _supervised_baseline(cfg, trainer, train, generator, retriever, out)
     bar.close()
