@@ -234,6 +234,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
             trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
                                 "val_searches": val["avg"]["searches_per_question"]})
         if stop.should_stop():  # SIGTERM / SIGINT: checkpoint this step, then stop (signals.py)
+            bar.close()
             stop.check(m["step"], trainer.save())
 
     if cfg.mode == "rl":
