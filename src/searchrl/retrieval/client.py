@@ -178,6 +178,7 @@ class HttpRetriever:
             if rnd:
                 if not self._again(rnd, t0):
                     break
+                self._note_outage(rnd, last)
                 time.sleep(self._delay(rnd))
             for url in self._order():
                 try:
@@ -215,6 +216,7 @@ class HttpRetriever:
             if rnd:
                 if not self._again(rnd, t0):
                     break
+                self._note_outage(rnd, last)
                 await asyncio.sleep(self._delay(rnd))
             for url in self._order():
                 try:
@@ -251,6 +253,11 @@ class HttpRetriever:
         with self._rr_lock:
             start = next(self._rr) % len(self.urls)
         return self.urls[start:] + self.urls[:start]
+
+    def _note_outage(self, rnd: int, last: str) -> None:
+        if rnd == 1:
+            logger.warning("no retrieval server answered (last: %s); retrying (%d more round(s), wait %.0fs)",
+                           last, self.retries, self.wait)
 
     def _again(self, rnd: int, t0: float) -> bool:
         """Whether to try another round: retries left, or still within ``wait`` seconds."""
