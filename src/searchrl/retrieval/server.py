@@ -133,6 +133,8 @@ def parse_request(body: bytes, *, max_topk: int, max_queries: int) -> RetrieveRe
         if not q.strip():
             raise RequestError(422, f"queries[{i}] is empty or whitespace", "queries")
     topk = data.get("topk", DEFAULT_TOPK)
+    if isinstance(topk, float) and topk.is_integer():  # JSON Schema's integer includes 3.0
+        topk = int(topk)
     if not isinstance(topk, int) or isinstance(topk, bool):
         raise RequestError(422, f"'topk' must be an integer, got {_type_name(topk)}", "topk")
     if not 1 <= topk <= max_topk:
