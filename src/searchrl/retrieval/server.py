@@ -101,6 +101,8 @@ def parse_request(body: bytes, *, max_topk: int, max_queries: int) -> RetrieveRe
     Traceback (most recent call last):
     ...
     searchrl.retrieval.server.RequestError: queries[1] is empty or whitespace
+    >>> parse_request(b'{"queries": ["a"], "topk": 2.0}', max_topk=10, max_queries=5).topk
+    2
     """
     try:
         data = json.loads(body)

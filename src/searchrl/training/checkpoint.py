@@ -199,4 +199,7 @@ def load_checkpoint(path: str | Path, policy: torch.nn.Module, critic: torch.nn.
         with torch.no_grad():
             for n, t in cw.items():
                 cparams[n].copy_(t.to(cparams[n].device, cparams[n].dtype))
-    return torch.load(path / "state.pt", weights_only=False)
+    try:
+        return torch.load(path / "state.pt", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and storage errors alike
+        raise SearchRLError(f"{path}: unreadable state.pt ({type(e).__name__}: {e})") from None
