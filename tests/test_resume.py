@@ -123,6 +123,7 @@ def _steps_logged(out: Path) -> int:
     return sum('"reward"' in x for x in path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow  # two training processes: ~30-55 s
 def test_sigterm_checkpoints_exits_nonzero_and_resumes_exactly(tiny_model_dir, full_run, tmp_path):
     """save_every=100: the only RL checkpoint is the one the SIGTERM path writes. While the run
     is going, a second process on the same out is refused by the run lock."""

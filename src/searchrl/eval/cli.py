@@ -30,8 +30,8 @@ from searchrl.config import to_dict
 from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
 from searchrl.rollout.loop import SCHEDULES, RolloutConfig
-from searchrl.runlock import hold_run_lock
 from searchrl.rollout.prompts import PROMPT_METHODS
+from searchrl.runlock import hold_run_lock
 from searchrl.types import QAExample
 
 log = logging.getLogger(__name__)
