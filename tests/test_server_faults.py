@@ -67,6 +67,24 @@ def test_serve_refuses_a_public_address_before_opening_a_socket(monkeypatch):
     assert opened == []
 
 
+def test_insecure_public_bind_is_logged_as_such(monkeypatch, caplog):
+    """--insecure on 0.0.0.0: allowed, and the log says so; ``_bind`` is stubbed, nothing listens."""
+    from searchrl.retrieval import server as server_mod
+
+    def no_bind(host, port):
+        raise RuntimeError(f"stub: would bind {host}:{port}")
+
+    monkeypatch.setattr(server_mod, "_bind", no_bind)
+    monkeypatch.delenv("SEARCHRL_API_KEY", raising=False)
+    with caplog.at_level("INFO", logger="searchrl.retrieval.server"), pytest.raises(RuntimeError, match="stub"):
+        serve(Echo(), host="0.0.0.0", port=1, insecure=True)
+    assert "WITHOUT authentication (--insecure)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="searchrl.retrieval.server"), pytest.raises(RuntimeError, match="stub"):
+        serve(Echo(), host="0.0.0.0", port=1, api_key="k")
+    assert "bearer API key required" in caplog.text
+
+
 def test_cli_serve_refuses_public_host_without_key(index, monkeypatch, capsys):
     from searchrl.cli import main
 
