@@ -255,7 +255,7 @@ BAD = [
     (b'{"queries": ["ok", "ok", "  \\n"]}', 422, "queries[2] is empty or whitespace", "queries"),
     (b'{"queries": [""]}', 422, "queries[0] is empty", "queries"),
     (b'{"queries": ["a"], "topk": "3"}', 422, "'topk' must be an integer, got str", "topk"),
-    (b'{"queries": ["a"], "topk": 2.0}', 422, "'topk' must be an integer, got float", "topk"),
+    (b'{"queries": ["a"], "topk": 2.5}', 422, "'topk' must be an integer, got float", "topk"),  # 2.0 is 2
     (b'{"queries": ["a"], "topk": true}', 422, "'topk' must be an integer, got bool", "topk"),
     (b'{"queries": ["a"], "topk": 0}', 422, "between 1 and 10, got 0", "topk"),
     (b'{"queries": ["a"], "topk": 11}', 422, "between 1 and 10, got 11", "topk"),

@@ -21,6 +21,8 @@ searchrl.errors.ConfigError: lrr: unknown field (valid: lr, name)
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -90,9 +92,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return int(f)
+        return int(value) if isinstance(value, int) else int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
@@ -101,7 +103,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if tp is str:
-        if isinstance(value, (dict, list)):
+        if value is None or isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         if isinstance(value, bool):  # YAML reads a bare off/on (and no/yes) as a boolean
             return "on" if value else "off"
@@ -166,20 +168,53 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
 
 
 def load_yaml_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Defaults, then the YAML file (if any), then dotted overrides; validated at every stage."""
+    """Defaults, then the YAML file (if any), then dotted overrides; validated at every stage.
+
+    An error in the file names the file and the line of the offending key (``cfg.yaml:4: ...``).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+            data = yaml.safe_load(text) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
-    cfg = from_dict(cls, data)
+        try:
+            cfg = from_dict(cls, data)
+        except ConfigError as e:
+            line = _yaml_line(text, str(e).split(":", 1)[0])
+            raise ConfigError(f"{p}:{line}: {e}" if line else f"{p}: {e}") from None
+    else:
+        cfg = from_dict(cls, data)
     return apply_overrides(cfg, overrides or [])
+
+
+def _yaml_line(text: str, dotted: str) -> int | None:
+    """1-based line of the key ``a.b[2].c`` in a YAML document (its deepest found part), or None.
+
+    >>> _yaml_line("a: 1\\nb:\\n  c: [x, y]\\n", "b.c[1]")
+    3
+    """
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in re.findall(r"[^.\[\]]+", dotted):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
 
 
 def save_yaml_config(cfg: Any, path: str | Path) -> None:

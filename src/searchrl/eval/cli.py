@@ -45,6 +45,7 @@ from searchrl.errors import ConfigError, DataFormatError
 from searchrl.models import AMP_MODES
 from searchrl.rollout.config import SCHEDULES, RolloutConfig
 from searchrl.rollout.prompts import PROMPT_METHODS
+from searchrl.runlock import hold_run_lock
 from searchrl.types import QAExample
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = eval_config(args, args.rollout)
     check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(out)  # a second process on this --out is refused (runlock.py)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     finished = read_finished(out / TRAJ_FILE)
     todo = [ex for ex in examples if ex.id not in finished]

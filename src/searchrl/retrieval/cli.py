@@ -56,6 +56,11 @@ def register(subparsers: Any) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-topk", type=int, default=100, help="largest topk a request may ask for")
     v.add_argument("--max-queries", type=int, default=512, help="most queries in one request")
+    v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 above)")
+    v.add_argument("--workers", type=int, default=1, help="server processes sharing the loaded index")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SEARCHRL_API_KEY); "
+                   "needed to bind a non-loopback --host")
+    v.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     v.add_argument("--rerank", help="cross-encoder folder: re-rank --fetch-k candidates")
     v.add_argument("--fetch-k", type=int, default=10, help="candidates re-ranked per query")
     _add_load_args(v)
@@ -116,12 +121,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from searchrl.retrieval.server import serve
+    import os
 
+    from searchrl.retrieval.server import API_KEY_ENV, bind_policy, serve
+
+    bind_policy(args.host, args.api_key or os.environ.get(API_KEY_ENV), args.insecure)  # before loading
     retriever = _load(args)
     if args.rerank:
         from searchrl.retrieval.rerank import RerankRetriever
 
         retriever = RerankRetriever(retriever, args.rerank, fetch_k=args.fetch_k, device=args.device)
-    serve(retriever, host=args.host, port=args.port, max_topk=args.max_topk, max_queries=args.max_queries)
+    serve(retriever, host=args.host, port=args.port, max_topk=args.max_topk, max_queries=args.max_queries,
+          max_body_bytes=args.max_body_bytes, workers=args.workers, api_key=args.api_key, insecure=args.insecure)
     return 0

@@ -19,8 +19,18 @@ cut to its own ``topk``. If a merged call fails, its requests are retried one by
 request does not fail the others. The default window is 0 (merge only what queued up): a window
 added latency to lone requests without raising throughput (README, retrieval figures).
 
-Left out: authentication, TLS, multiple worker processes (run several servers behind a balancer),
-and streaming. The server binds loopback unless told otherwise.
+Access: the server binds loopback by default. Any other bind address needs an API key (``api_key``,
+``--api-key`` or the ``SEARCHRL_API_KEY`` environment variable) unless ``insecure=True`` /
+``--insecure`` says otherwise (:func:`bind_policy` decides; the log says which). With a key every
+request must carry ``Authorization: Bearer KEY`` or gets 401, checked before the body is read. The
+body limit (``max_body_bytes``, 413) is enforced from ``Content-Length`` and while streaming, before
+any JSON parsing; the batch limit (``max_queries``) right after parsing.
+
+``workers=N`` forks N server processes after the index is loaded (they share its memory pages
+copy-on-write and accept on one listening socket); the parent restarts a worker that dies and
+stops them all on SIGTERM / SIGINT.
+
+Left out: TLS (put a TLS-terminating proxy in front), per-client rate limits, and streaming.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -41,15 +52,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from searchrl.errors import SearchRLError
+from searchrl.errors import ConfigError, SearchRLError
+from searchrl.retrieval.access import (
+    API_KEY_ENV,
+    DEFAULT_RETURN_SCORES,
+    DEFAULT_TOPK,
+    authorized,
+    bind_policy,
+    retrieve_openapi,
+    unauthorized,
+)
 from searchrl.retrieval.base import Retriever
 from searchrl.types import Passage
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOPK = 3
-DEFAULT_RETURN_SCORES = False
 ALLOWED_FIELDS = ("queries", "topk", "return_scores")
+__all__ = ["BackgroundServer", "Batcher", "create_app", "parse_request", "serve", "bind_policy", "API_KEY_ENV"]
 
 
 class RequestError(Exception):
@@ -80,6 +99,8 @@ def parse_request(body: bytes, *, max_topk: int, max_queries: int) -> RetrieveRe
     Traceback (most recent call last):
     ...
     searchrl.retrieval.server.RequestError: queries[1] is empty or whitespace
+    >>> parse_request(b'{"queries": ["a"], "topk": 2.0}', max_topk=10, max_queries=5).topk
+    2
     """
     try:
         data = json.loads(body)
@@ -112,6 +133,8 @@ def parse_request(body: bytes, *, max_topk: int, max_queries: int) -> RetrieveRe
         if not q.strip():
             raise RequestError(422, f"queries[{i}] is empty or whitespace", "queries")
     topk = data.get("topk", DEFAULT_TOPK)
+    if isinstance(topk, float) and topk.is_integer():  # JSON Schema's integer includes 3.0
+        topk = int(topk)
     if not isinstance(topk, int) or isinstance(topk, bool):
         raise RequestError(422, f"'topk' must be an integer, got {_type_name(topk)}", "topk")
     if not 1 <= topk <= max_topk:
@@ -303,11 +326,17 @@ def create_app(
     batch_window_ms: float = 0.0,
     max_batch_queries: int = 256,
     coalesce: bool = True,
+    api_key: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``retriever`` (see the module docstring for the contract).
 
+    ``api_key``: when set, every request needs ``Authorization: Bearer api_key`` (else 401).
     ``app.state.batcher`` is the :class:`Batcher` (its ``calls`` counter is handy in tests).
     """
+    for name, value in (("max_topk", max_topk), ("max_queries", max_queries),
+                        ("max_body_bytes", max_body_bytes)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     batcher = Batcher(
         retriever,
         window_s=batch_window_ms / 1000.0,
@@ -329,7 +358,9 @@ def create_app(
         return _error(exc.status_code, str(exc.detail))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(request, api_key):
+            return unauthorized()
         return {
             "status": "ok",
             "passages": passages,
@@ -338,8 +369,10 @@ def create_app(
             "max_queries": max_queries,
         }
 
-    @app.post("/retrieve")
+    @app.post("/retrieve", openapi_extra=retrieve_openapi(max_topk, max_queries))
     async def retrieve(request: Request):
+        if not authorized(request, api_key):
+            return unauthorized()
         try:
             body = await _read_body(request, max_body_bytes)
             req = parse_request(body, max_topk=max_topk, max_queries=max_queries)
@@ -392,16 +425,36 @@ def serve(
     port: int = 8000,
     *,
     log_level: str = "warning",
+    api_key: str | None = None,
+    insecure: bool = False,
+    workers: int = 1,
     **opts: Any,
 ) -> None:
-    """Serve ``retriever`` until interrupted (blocking). ``opts`` go to :func:`create_app`."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("binding %s: the retrieval server has no authentication", host)
+    """Serve ``retriever`` until interrupted (blocking). ``opts`` go to :func:`create_app`.
+
+    ``api_key`` defaults to ``$SEARCHRL_API_KEY``; see :func:`bind_policy` for when one is needed.
+    """
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    policy = bind_policy(host, api_key, insecure)
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if policy == "insecure":
+        logger.warning("binding %s WITHOUT authentication (--insecure): anyone who can reach the port "
+                       "can query the index", host)
+    else:
+        logger.info("access: %s", "bearer API key required" if policy == "api-key" else
+                    "loopback only, no API key")
     sock = _bind(host, port)
-    server = _make_server(create_app(retriever, **opts), log_level)
-    logger.info("retrieval server listening on %s (POST /retrieve, GET /health)", _url(sock, host))
+    logger.info("retrieval server listening on %s (POST /retrieve, GET /health), %d worker(s)",
+                _url(sock, host), workers)
     try:
-        server.run(sockets=[sock])
+        if workers == 1:
+            _make_server(create_app(retriever, api_key=api_key, **opts), log_level).run(sockets=[sock])
+        else:
+            from searchrl.retrieval.workers import supervise
+
+            supervise(sock, workers, lambda: _make_server(
+                create_app(retriever, api_key=api_key, **opts), log_level).run(sockets=[sock]))
     finally:
         sock.close()
 

@@ -7,14 +7,26 @@ a ``.tmp`` sibling and renamed into place, so a crash never leaves a half-writte
 looks complete; ``COMPLETE`` marks a finished one. Only the newest ``keep`` are kept, plus
 ``step-000000`` (the model RL started from, which a resumed run reloads as its reference).
 
-Left out: sharded (FSDP) checkpoints; exporting a merged model is ``export_model``.
+A write that fails (disk full, quota, I/O error) removes its ``.tmp`` folder and raises
+:class:`SearchRLError` saying the previous checkpoint is intact; nothing published is touched.
+:func:`list_checkpoints` returns usable checkpoints only: one with ``COMPLETE`` but a truncated or
+unreadable weights file, a truncated ``state.pt``, or weights of another model (names, shapes or
+dtypes unlike ``step-000000``'s) is skipped with a warning, so resume falls back to the newest good
+one. These checks read file headers only (cheap at every save).
+
+Left out: sharded (FSDP) checkpoints; checksums of the tensor bytes (a bit flip inside the
+weights is not detected); exporting a merged model is ``export_model``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from searchrl.errors import SearchRLError
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -48,12 +63,76 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def safetensors_signature(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of every tensor, from the header; raises ``ValueError`` when the
+    file is shorter than its header says, or the header is not safetensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise ValueError(f"header length {n} does not fit the {size}-byte file")
+        header = json.loads(f.read(n))
+    end, sig = 0, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = max(end, int(info["data_offsets"][1]))
+        sig.append((name, str(info["dtype"]), tuple(int(d) for d in info["shape"])))
+    if 8 + n + end != size:
+        raise ValueError(f"truncated: {size} bytes, the header promises {8 + n + end}")
+    return sorted(sig)
+
+
+def checkpoint_problem(path: Path, reference: list | None = None) -> str | None:
+    """Why ``path`` cannot be resumed from (``None`` when it looks usable); see module doc."""
+    if not (path / "COMPLETE").exists():
+        return "no COMPLETE marker"
+    try:
+        sig = safetensors_signature(path / "policy.safetensors")
+        if (path / "critic.safetensors").exists():
+            safetensors_signature(path / "critic.safetensors")
+        with zipfile.ZipFile(path / "state.pt") as z:  # torch.save's zip: a cut file has no directory
+            z.infolist()
+    except FileNotFoundError as e:
+        return f"missing {Path(e.filename).name}"
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    if reference is not None and sig != reference:
+        return "weights of another model (tensor names/shapes/dtypes differ from step-000000)"
+    return None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Usable checkpoints, oldest first; unusable ones are skipped with a warning (once each)."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
     done = [p for p in d.iterdir() if p.name.startswith("step-") and (p / "COMPLETE").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done.sort(key=lambda p: int(p.name.split("-")[1]))
+    reference = None
+    if done and done[0].name == "step-000000" and checkpoint_problem(done[0]) is None:
+        reference = safetensors_signature(done[0] / "policy.safetensors")
+    good = []
+    for p in done:
+        problem = checkpoint_problem(p, reference)
+        if problem is None:
+            good.append(p)
+        elif str(p) not in _warned:
+            _warned.add(str(p))
+            log.warning("checkpoint %s is unusable (%s): skipped; resume falls back to the newest good one",
+                        p, problem)
+    return good
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
@@ -64,6 +143,27 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, step, policy, critic, state)
+    except Exception as e:  # noqa: BLE001 - disk full surfaces as OSError, RuntimeError or SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+        raise SearchRLError(f"could not write checkpoint step {step} in {root} "
+                            f"({getattr(e, 'strerror', None) or e}): {kept}") from e
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _warned.discard(str(final))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old.name != "step-000000":  # the model RL started from: the reference on resume
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, step: int, policy: torch.nn.Module, critic: torch.nn.Module | None,
+                 state: dict[str, Any]) -> None:
     tmp.mkdir()
     save_file(_trainable_state(policy), str(tmp / "policy.safetensors"))
     if critic is not None:
@@ -73,13 +173,6 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old.name != "step-000000":  # the model RL started from: the reference on resume
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: str | Path, policy: torch.nn.Module, critic: torch.nn.Module | None) -> dict[str, Any]:
@@ -87,11 +180,15 @@ def load_checkpoint(path: str | Path, policy: torch.nn.Module, critic: torch.nn.
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise SearchRLError(f"{path}: not a complete checkpoint")
-    weights = load_file(str(path / "policy.safetensors"))
+    try:
+        weights = load_file(str(path / "policy.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise SearchRLError(f"{path}: unreadable policy weights ({e})") from None
     params = dict(policy.named_parameters())
     missing = [n for n in weights if n not in params]
-    if missing:
-        raise SearchRLError(f"{path}: checkpoint does not match the model (e.g. {missing[0]}); "
+    wrong = [n for n in weights if n in params and weights[n].shape != params[n].shape]
+    if missing or wrong:
+        raise SearchRLError(f"{path}: checkpoint does not match the model (e.g. {(missing or wrong)[0]}); "
                             "was it written with another model or LoRA setting?")
     with torch.no_grad():
         for n, t in weights.items():
@@ -102,4 +199,7 @@ def load_checkpoint(path: str | Path, policy: torch.nn.Module, critic: torch.nn.
         with torch.no_grad():
             for n, t in cw.items():
                 cparams[n].copy_(t.to(cparams[n].device, cparams[n].dtype))
-    return torch.load(path / "state.pt", weights_only=False)
+    try:
+        return torch.load(path / "state.pt", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - zip, pickle and storage errors alike
+        raise SearchRLError(f"{path}: unreadable state.pt ({type(e).__name__}: {e})") from None

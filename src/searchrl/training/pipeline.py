@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from searchrl.config import to_dict
 from searchrl.errors import SearchRLError
+from searchrl.runlock import hold_run_lock
 from searchrl.training.config import TrainConfig
+from searchrl.training.signals import StopOnSignal
 from searchrl.types import QAExample
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def make_retriever(cfg: TrainConfig, corpus_path: str | Path | None) -> Any:
     if d.retriever_url:
         from searchrl.retrieval.client import HttpRetriever
 
-        return HttpRetriever(d.retriever_url)
+        return HttpRetriever(d.retriever_url, wait=d.retriever_wait)
     if d.index:
         from searchrl.retrieval.index import load_index
 
@@ -214,6 +216,7 @@ def _open_run_dir(cfg: TrainConfig, out: Path, resume: bool, dist) -> None:
     dist.barrier()
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        hold_run_lock(out)  # a second job on this --out is refused (runlock.py)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
     dist.barrier()
 
@@ -246,9 +249,11 @@ def _evaluate_on_rank0(cfg: TrainConfig, trainer, evals, retriever, out: Path, n
 
 
 def _train(cfg: TrainConfig, trainer, train, evals, retriever, out: Path) -> None:
-    """The RL loop (or the paper's SFT / rejection-sampling baselines), with a progress bar."""
-    main = trainer.dist.main
-    bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="RL", unit="step", disable=not main)
+    """The RL loop (or the paper's SFT / rejection-sampling baselines), with a progress bar; a
+    SIGTERM / SIGINT stops it at the end of a step with a checkpoint (signals.py)."""
+    dist = trainer.dist
+    bar = tqdm(total=cfg.steps, initial=trainer.step_idx, desc="RL", unit="step", disable=not dist.main)
+    stop = StopOnSignal()
 
     def on_step(m: dict) -> None:
         bar.update(1)
@@ -259,11 +264,16 @@ def _train(cfg: TrainConfig, trainer, train, evals, retriever, out: Path) -> Non
             if val is not None:
                 trainer.logger.log({"step": m["step"], "val_em": val["avg"]["em"],
                                     "val_searches": val["avg"]["searches_per_question"]})
+        # every rank stops at the same step (a signal may reach the ranks at different times)
+        if dist.sum_floats(float(stop.should_stop()))[0] > 0:
+            bar.close()
+            stop.check(m["step"], trainer.save(), force=True)
 
     if cfg.mode == "rl":
-        trainer.fit(on_step=on_step)
-    elif trainer.step_idx < cfg.steps:
-        if trainer.dist.enabled:
+        with stop:
+            trainer.fit(on_step=on_step)
+    elif trainer.step_idx < cfg.steps:  # the paper's SFT / rejection-sampling baselines
+        if dist.enabled:
             raise SearchRLError(f"mode={cfg.mode} runs on one process; drop --nproc / torchrun")
         _supervised_baseline(cfg, trainer, train, trainer.generator, retriever, out)
     bar.close()
