@@ -86,3 +86,54 @@ def test_train_cli_runs_on_two_processes_and_resumes_on_one(tiny_model_dir, tmp_
     assert "resumed from" in res.stderr and "step-000002" in res.stderr
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert [m["step"] for m in steps] == [1, 2, 3]
+
+
+def _worker_pids(marker: str) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the torchrun workers whose command line mentions ``marker``."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or marker not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in kv)
+        except OSError:
+            continue
+        if "LOCAL_RANK" in env and "TORCHELASTIC_RUN_ID" in env:
+            pids[int(env["LOCAL_RANK"])] = int(proc.name)
+    return pids
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_and_the_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """SIGKILL one of two ranks mid-run: the job ends (no hang) with a clear error; `--resume` on
+    two ranks then ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    env = dict(_env(), SEARCHRL_CACHE=str(tmp_path / "cache"))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    res = subprocess.run([*_train_cmd(tiny_model_dir, full, "steps=3", "eval_before=false"), "--nproc", "2"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen([*_train_cmd(tiny_model_dir, cut, "steps=3", "eval_before=false"), "--nproc", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = cut / "checkpoints" / "step-000001" / "COMPLETE"
+    deadline = time.time() + 600
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pids = _worker_pids(str(cut))
+    assert target.exists() and 1 in pids, "the job never reached its step-1 checkpoint"
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and time.time() - t0 < 120
+    assert "2-process job failed" in err and "--resume" in err
+    res = subprocess.run([*_train_cmd(tiny_model_dir, cut, "steps=3", "eval_before=false"), "--nproc", "2",
+                          "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(full / "checkpoints" / "step-000003" / "policy.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step-000003" / "policy.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -79,6 +79,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value not in args:
             raise ConfigError(f"{name}: must be one of {list(args)}, got {value!r}")
         return value
+    return _coerce_scalar(value, tp, name)
+
+
+def _coerce_scalar(value: Any, tp: Any, name: str) -> Any:
+    """The bool / int / float / str cases of :func:`_coerce` (other types pass through)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

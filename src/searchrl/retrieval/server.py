@@ -352,6 +352,13 @@ def create_app(
 
     app = FastAPI(title="searchrl retrieval server", lifespan=lifespan)
     app.state.batcher = batcher
+    _add_routes(app, batcher, api_key, max_topk, max_queries, max_body_bytes, passages, kind)
+    return app
+
+
+def _add_routes(app: FastAPI, batcher: "Batcher", api_key: str | None, max_topk: int, max_queries: int,
+                max_body_bytes: int, passages: Any, kind: Any) -> None:
+    """``/health``, ``/retrieve`` and the error shape of 404 / 405 (see :func:`create_app`)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404 / 405 in the same error shape
@@ -386,8 +393,6 @@ def create_app(
         # Rendered directly: FastAPI's generic encoder costs more CPU than the search at batch 64.
         body = json.dumps({"result": format_result(hits, req.return_scores)}, ensure_ascii=False)
         return Response(content=body.encode("utf-8"), media_type="application/json")
-
-    return app
 
 
 def _bind(host: str, port: int) -> socket.socket:

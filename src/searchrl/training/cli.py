@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (same as out=DIR)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, estimate memory per rank for --nproc ranks, and exit (builds nothing heavy)")
     p.add_argument("--nproc", type=int, default=1,
                    help="training processes on this machine (launches torchrun; one per GPU, or 1 thread each on CPU; "
                         "for several machines run torchrun yourself, see the README)")
@@ -56,6 +58,12 @@ def launch(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError("--nproc: must be >= 1")
+    if args.dry_run:
+        from searchrl.training.estimate import dry_run
+
+        overrides = [*args.overrides, *([f"out={args.out}"] if args.out else [])]
+        print(dry_run(load_yaml_config(TrainConfig, args.config, overrides), args.nproc))
+        return 0
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(args)
     if args.help_config:

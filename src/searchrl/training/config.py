@@ -43,7 +43,7 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata=_h("module names LoRA adapts"))
     gradient_checkpointing: bool = field(default=False, metadata=_h("recompute activations in backward to save memory"))
     amp: str = field(default="auto", metadata=_h("mixed precision over fp32 weights: bf16 autocast in training, a bf16 copy of the weights in generation: auto (where the hardware has native bf16) | bf16 | off"))
-    amp_copy: bool = field(default=True, metadata=_h("with amp: generate on a bf16 copy of the weights (1.8x faster decoding on CPU; half the fp32 weights' memory more) instead of under autocast"))
+    amp_copy: bool = field(default=True, metadata=_h("with amp: generate on a bf16 copy of the weights (faster decoding than autocast, see the README; costs half the fp32 weights' memory more) instead of under autocast"))
     critic_name: str | None = field(default=None, metadata=_h("critic base model (PPO); None = same as the policy"))
 
     def __post_init__(self) -> None:

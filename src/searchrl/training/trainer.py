@@ -38,6 +38,7 @@ from searchrl.rollout.loop import RolloutStats, run_rollouts
 from searchrl.training.batch import TokenBatch, collate, micro_batches, response_logprobs
 from searchrl.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from searchrl.training.config import TrainConfig
+from searchrl.training.data_sampler import DataSampler
 from searchrl.training.distributed import (GatheredWeights, all_reduce_grads, clip_grad_norm, full_optimizer_state,
                                            is_sharded, load_full_optimizer_state, load_full_weights)
 from searchrl.training.models import ModelBundle, disable_dropout
@@ -45,35 +46,6 @@ from searchrl.training.monitor import MetricsLogger, peak_memory_mb
 from searchrl.types import QAExample, Trajectory
 
 log = logging.getLogger(__name__)
-
-
-class DataSampler:
-    """Epoch-wise seeded permutations of the training set; its position is checkpointed."""
-
-    def __init__(self, n: int, seed: int):
-        if n < 1:
-            raise ValueError("no training examples")
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-
-    def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-    def next(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            perm = self._perm()
-            take = perm[self.pos : self.pos + (k - len(out))].tolist()
-            out.extend(take)
-            self.pos += len(take)
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
-
-    def load_state_dict(self, s: dict[str, int]) -> None:
-        self.epoch, self.pos = s["epoch"], s["pos"]
 
 
 class _Silent:
