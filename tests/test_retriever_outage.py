@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # each test runs two or three searchrl processes 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     d = tmp_path_factory.mktemp("tiny-model")
     tiny_random_lm(tiny_tokenizer, seed=0).save_pretrained(d)

@@ -18,7 +18,7 @@ from searchrl.training.seeds import parse_seeds, seeds_summary
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from searchrl.models import tiny_random_lm
+    from searchrl.testing import tiny_random_lm
 
     d = tmp_path_factory.mktemp("tiny-model")
     tiny_random_lm(tiny_tokenizer, seed=0).save_pretrained(d)

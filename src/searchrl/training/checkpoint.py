@@ -14,7 +14,8 @@ unreadable weights file, a truncated ``state.pt``, or weights of another model (
 dtypes unlike ``step-000000``'s) is skipped with a warning, so resume falls back to the newest good
 one. These checks read file headers only (cheap at every save).
 
-Left out: sharded (FSDP) checkpoints; checksums of the tensor bytes (a bit flip inside the
+Sharded (FSDP) runs write the same files, consolidated on rank 0 by the trainer. Left out:
+checkpoints saved shard by shard (torch.distributed.checkpoint); checksums of the tensor bytes (a bit flip inside the
 weights is not detected); exporting a merged model is ``export_model``.
 """
 

@@ -7,7 +7,9 @@ merges the warm-start adapter into the base weights and starts a fresh one. The 
 :mod:`searchrl.training.critic`. RL forward passes run without dropout (:func:`disable_dropout`),
 so the PPO ratio is exactly 1 before the first update.
 
-Left out: FSDP/DeepSpeed sharding (see the README's scaling notes) and 8-bit optimisers.
+Under several processes (`parallel.strategy=fsdp`) the policy, reference and critic are sharded
+with FSDP2 after an unsharded generation copy is taken (:mod:`searchrl.training.distributed`).
+Left out: DeepSpeed and 8-bit optimisers.
 """
 
 from __future__ import annotations

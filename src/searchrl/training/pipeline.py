@@ -9,7 +9,9 @@ on the world's held-out test questions before and after RL. Everything lands in 
 warm-start and the "before" evaluation are stored once and not redone, RL continues from the
 newest checkpoint.
 
-Left out: multi-process training (see the README's scaling section).
+Under torchrun every rank runs this function; rank 0 alone writes the run folder, evaluates,
+exports and reports (the others wait at barriers). Left out: the SFT / rejection-sampling
+baselines on several processes (refused).
 """
 
 from __future__ import annotations

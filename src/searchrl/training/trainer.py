@@ -2,19 +2,21 @@
 
 ``Trainer.step()`` runs each stage as its own method so each can be read, tested and timed:
 
-1. ``rollout``: the multi-turn search loop over ``prompts_per_step`` questions, ``group_size``
-   samples each (the HF generator shares the policy's weights, so nothing needs syncing; a separate
-   engine such as vLLM gets ``sync_weights``).
+1. ``rollout``: the multi-turn search loop over ``prompts_per_step`` questions (this rank's share
+   of them), ``group_size`` samples each (the HF generator shares the policy's weights, so
+   nothing needs syncing; a separate engine such as vLLM gets ``sync_weights``; under FSDP the
+   generation copy is refreshed from the shards at the start of each step).
 2. ``score``: outcome rewards from the response only (EM by default).
 3. ``prepare``: old log-probs, reference log-probs, critic values (no grad, micro-batched) and
    advantages/returns, all ``[N, R]`` over response tokens. One ``mask`` (the loss mask, or the
    response mask for the no-masking ablation) drives KL, advantages, every loss and the metrics.
 4. ``update``: ``ppo_epochs`` passes over shuffled mini-batches, each split into micro-batches
-   whose losses use the mini-batch's token (or row) count as denominator, so any micro-batch size
-   gives the same gradient.
+   whose losses use the mini-batch's token (or row) count over every rank as denominator, so any
+   micro-batch size and any world size give the same gradient (:mod:`searchrl.training.distributed`).
 
-Left out: multi-GPU data parallelism (launch with torchrun/accelerate, see README) and
-asynchronous off-policy rollouts.
+Every forward pass of RL runs without dropout and at the rollout temperature; the old log-probs
+are computed on the update's own micro-batches, so the PPO ratio is exactly 1 before the first
+optimizer step. Left out: asynchronous off-policy rollouts.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def _sampler_logprobs(trajs: list[Trajectory], R: int) -> torch.Tensor:
 
 
 class Trainer:
+    """Composes the models, generator, retriever and algorithm into ``step()`` / ``fit()`` (module doc)."""
+
     def __init__(self, cfg: TrainConfig, models: ModelBundle, retriever: Any,
                  train_examples: list[QAExample], generator: Any = None,
                  sync_weights: Callable[[torch.nn.Module], None] | None = None):
