@@ -42,7 +42,8 @@ def _changed_share(cfg: TrainConfig, tokenizer, weights_dtype: str) -> float:
     trajs = make_trajs(tokenizer, 4, 2)
     before = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters() if p.requires_grad}
     with bundle.autocast():
-        tr.update(trajs, tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0])))
+        prep = tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    tr.update(trajs, prep)  # autocast per mini-batch inside
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in tr.models.policy.named_parameters() if n in before)
     return changed / sum(t.numel() for t in before.values())
 
@@ -280,3 +281,13 @@ def test_critic_uses_gradient_checkpointing_when_asked(tiny_lm):
     bundle = build_models(cfg, need_reference=False, need_critic=True, model=copy.deepcopy(model), tokenizer=tok)
     assert bundle.critic.backbone.is_gradient_checkpointing
     assert bundle.policy.is_gradient_checkpointing
+
+
+def test_later_mini_batches_see_the_updated_weights_under_autocast(tiny_lm, tmp_path):
+    """autocast caches its bf16 casts of the weights until its region ends: a region around the
+    whole update kept epoch 2 on the weights from before epoch 1's optimizer step (ratio exactly 1)."""
+    # an entropy bonus moves the weights whatever the (tiny random model's) rewards are
+    tr = make_trainer(tiny_lm, tmp_path, "model.amp=bf16", "ppo_epochs=2", "algo.entropy_coef=0.1")
+    assert tr.models.amp == torch.bfloat16
+    m = tr.step()
+    assert m["approx_kl"] > 0 and m["ratio_max"] != 1.0  # epoch 2 ran on the updated weights

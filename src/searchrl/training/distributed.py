@@ -169,8 +169,9 @@ class GatheredWeights:
     """Full trainable weights of a sharded module, shaped like a module for the checkpoint writer
     (it reads ``named_parameters()`` and keeps those with ``requires_grad``)."""
 
-    def __init__(self, module: torch.nn.Module):
-        self._named = [(n, t.cpu()) for n, t in full_parameters(module, trainable_only=True)]
+    def __init__(self, module: torch.nn.Module, keep: bool = True):
+        # Every rank takes part in each gather; only the writer (``keep``) holds the result.
+        self._named = [(n, t.cpu()) for n, t in full_parameters(module, trainable_only=True) if keep]
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         for name, t in self._named:

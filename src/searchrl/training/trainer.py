@@ -226,8 +226,12 @@ class Trainer:
         for epoch in range(self.cfg.ppo_epochs):
             for mini in self._plan(len(trajs), epoch):
                 rows = [i for micro in mini for i in micro]
-                stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
-                                         drift if epoch == 0 else None)
+                # One autocast region per mini-batch: autocast caches its bf16 casts of the weights
+                # until the region ends, so a region spanning an optimizer step would keep
+                # computing with the weights from before it.
+                with self.models.autocast():
+                    stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
+                                             drift if epoch == 0 else None)
                 if self.dist.enabled and not self.sharded:  # replicate: sum the gradients over ranks
                     all_reduce_grads(self._all_trainable(), self.dist)
                 norms, bad = self._optimizer_step()
@@ -354,10 +358,10 @@ class Trainer:
         trajs = self.rollout(examples, stats)
         t1 = time.perf_counter()
         rewards = self.score(trajs)
-        with self.models.autocast():
+        with self.models.autocast():  # no weight changes inside: one region, weights cast once
             prep = self.prepare(trajs, rewards)
-            t2 = time.perf_counter()
-            upd = self.update(trajs, prep)
+        t2 = time.perf_counter()
+        upd = self.update(trajs, prep)  # one autocast region per mini-batch (see update)
         t3 = time.perf_counter()
         self.step_idx += 1
         sampled = int(prep.mask.sum())
@@ -412,8 +416,8 @@ class Trainer:
         """Write a checkpoint (rank 0 writes; under FSDP every rank helps gather it first)."""
         policy, critic = self.models.policy, self.models.critic
         if self.sharded:
-            policy = GatheredWeights(policy)
-            critic = GatheredWeights(critic) if critic is not None else None
+            policy = GatheredWeights(policy, keep=self.dist.main)
+            critic = GatheredWeights(critic, keep=self.dist.main) if critic is not None else None
         state = self.state_dict()
         path = self.run_dir / "checkpoints" / f"step-{self.step_idx:06d}"
         if self.dist.main:
