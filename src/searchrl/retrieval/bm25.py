@@ -6,6 +6,9 @@ uses bm25s's precomputed sparse matrix; the top-k selection is ours so that ties
 deterministically (lower passage number first) and passages that share no term with the query
 (score 0) are never returned, as in Lucene/pyserini: a query with no known term gets an empty list.
 
+``BM25Retriever.load(mmap=True)`` memory-maps bm25s's score arrays (only the vocabulary is read into
+memory), so start-up does not read the index and resident memory grows with the terms searched.
+
 Left out: bm25s's numba/JAX back ends (not installed here) and BM25 variants other than the
 ``lucene`` default (they can be passed through ``method=`` but are not tested).
 """
@@ -112,12 +115,16 @@ class BM25Retriever:
         show_progress: bool = True,
         n_threads: int = 1,
     ) -> "BM25Retriever":
-        """Index ``passages`` (their ``contents``: quoted title, newline, text)."""
+        """Index ``passages`` (their ``contents``: quoted title, newline, text).
+
+        Texts are read one at a time (from an index's memory-mapped :class:`PassageStore` they are
+        never all in memory at once); the token ids of every passage are, as bm25s needs them.
+        """
         bm25s = _bm25s()
 
         if len(passages) == 0:
             raise ValueError("cannot build a BM25 index over an empty corpus")
-        texts = [p.contents for p in passages]
+        texts = (passages[i].contents for i in range(len(passages)))  # streamed: no list of all texts
         tokens = bm25s.tokenize(
             texts, stopwords=stopwords, stemmer=_stemmer(stemmer), show_progress=show_progress
         )
