@@ -107,7 +107,7 @@ def _factory_string(faiss_type: str, dim: int, n: int, o: dict[str, Any]) -> tup
     if faiss_type == "opq" and train < 256:
         raise ConfigError(f"opq trains 256 centroids per sub-space: it needs >= 256 vectors, got {train}")
     info.update(pq_m=pq_m, pq_bits=bits, train_size=train)
-    pq = f"IVF{nlist},PQ{pq_m}x{bits}"
+    pq = f"IVF{nlist},PQ{pq_m}x{bits}np"  # np: no polysemous training (slow, unused here)
     return (f"OPQ{pq_m},{pq}" if faiss_type == "opq" else pq), info
 
 
@@ -123,10 +123,14 @@ def build_faiss(
     pq_bits: int = 8,
     sq: str = "sq8",
     train_size: int | None = None,
+    opq_niter: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """Inner-product FAISS index over the embedding shards; returns the index and its settings."""
+    """Inner-product FAISS index over the embedding shards; returns the index and its settings.
+
+    ``opq_niter`` overrides FAISS's 50 OPQ iterations (each trains a PQ: fewer is faster, coarser).
+    """
     import faiss
     from tqdm.auto import tqdm
 
@@ -140,6 +144,9 @@ def build_faiss(
     index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     if faiss_type in HNSW_TYPES:
         faiss.downcast_index(index).hnsw.efConstruction = int(info["ef_construction"])
+    if faiss_type == "opq" and opq_niter:
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = int(opq_niter)
+        info["opq_niter"] = int(opq_niter)
     if not index.is_trained:
         size = int(info.get("train_size") or default_train_size(n, int(info.get("nlist", 1))))
         sample = _training_sample(shards, n, size, seed)  # (m, dim)
