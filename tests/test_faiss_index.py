@@ -174,3 +174,29 @@ def test_ivfpq_index_directory_build_load_mmap(tmp_path, minilm_encoder):
                             shard_size=8, show_progress=False, device="cpu")  # fmt: skip
     assert "refine" not in json.loads((no_refine / "dense" / "dense.json").read_text())["faiss"]
     assert not (no_refine / "dense" / "vectors.npy").exists()
+
+
+def test_cli_e5_preset_ivfpq_and_float16_encoder(tmp_path, minilm_encoder, capsys):
+    """``--preset e5`` records e5's pooling and prefixes; fp16 encoding (the GPU set-up) agrees
+    with float32 on CPU, and its index searches the same."""
+    from searchrl.cli import main
+    from searchrl.data.corpus import write_corpus_jsonl
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus_jsonl(PASSAGES, corpus)
+    out = tmp_path / "e5-like"
+    assert main(["index", "--corpus", str(corpus), "--kind", "dense", "--out", str(out), "--preset", "e5",
+                 "--faiss", "ivfpq", "--pq-m", "16", "--dtype", "float16", "--device", "cpu",
+                 "--shard-size", "8"]) == 0  # fmt: skip
+    m = read_manifest(out)["dense"]
+    assert (m["model"]["pooling"], m["model"]["query_prefix"], m["model"]["passage_prefix"]) == (
+        "mean", "query: ", "passage: ")
+    assert (m["model"]["dtype"], m["faiss"]["type"], m["faiss"]["refine"]) == ("float16", "ivfpq", "float16")
+    r = load_index(out, device="cpu", mmap=True)
+    assert r.encoder.dtype == "float16" and r.encoder.query_prefix == "query: "
+    texts = [p.contents for p in PASSAGES[:5]]
+    np.testing.assert_allclose(
+        np.sum(r.encoder.encode(texts) * minilm_encoder.encode(texts), axis=1), 1.0, atol=2e-3
+    )
+    assert main(["search", "--index", str(out), "--mmap", "--nprobe", "1", "honey from flowers"]) == 0
+    assert "Honeybees" in capsys.readouterr().out.split("2. [")[0]
