@@ -7,12 +7,16 @@ Layout of an index directory::
     DIR/passages.offsets.npy     byte offset of every line (+ file size): random access, no full load
     DIR/bm25/                    bm25s arrays + tokenizer settings        (kind bm25 or hybrid)
     DIR/dense/                   faiss.index + dense.json (model, FAISS)  (kind dense or hybrid)
+                                 + vectors.npy (float16 refine copy, compressed FAISS types)
 
 A build writes into ``DIR.tmp`` and renames it to ``DIR`` at the end, so ``DIR`` is either absent
 or complete. An interrupted build leaves ``DIR.tmp`` with a ``build_state.json``; running the same
 build again (same corpus fingerprint and settings) resumes it: the passage copy, the BM25 index and
 every complete embedding shard are kept. Loading checks the manifest, the files and their counts
 and dimensions, and raises :class:`~searchrl.errors.IndexFormatError` naming what is wrong.
+``load_index(mmap=True)`` maps the BM25 arrays and the FAISS index instead of reading them, and
+every loaded retriever carries a ``fingerprint`` (manifest + query-time settings) that search
+caches (:mod:`searchrl.retrieval.cache`) are keyed by.
 
 Left out: incremental updates (adding passages to an existing index) and remote storage.
 """
