@@ -166,7 +166,7 @@ class BM25Retriever:
         try:
             params = json.loads((directory / PARAMS_FILE).read_text())
             model = bm25s.BM25.load(str(directory), mmap=mmap, load_corpus=False, show_progress=False)
-            _check_arrays(model)
+            _check_arrays(model, scan=not mmap)
         except (ValueError, OSError, EOFError, KeyError, TypeError) as e:
             raise IndexFormatError(f"{directory}: corrupt BM25 index ({e})") from e
         if int(model.scores["num_docs"]) != len(passages):
@@ -227,8 +227,12 @@ class BM25Retriever:
         return [[self.passages[i].with_score(s) for i, s in row] for row in hits]
 
 
-def _check_arrays(model: Any) -> None:
-    """Cheap consistency checks on a loaded bm25s model (catches truncated/mixed-up files)."""
+def _check_arrays(model: Any, scan: bool = True) -> None:
+    """Cheap consistency checks on a loaded bm25s model (catches truncated/mixed-up files).
+
+    ``scan=False`` skips the one check that reads a whole array (document ids in range), so that
+    a memory-mapped index is not read in full at start-up.
+    """
     s = model.scores
     data, indices, indptr = s["data"], s["indices"], s["indptr"]
     if data.shape != indices.shape:
@@ -242,5 +246,5 @@ def _check_arrays(model: Any) -> None:
     num_docs = s.get("num_docs")
     if num_docs is None:
         raise ValueError("params.index.json has no num_docs")
-    if indices.size and int(indices.max()) >= int(num_docs):
+    if scan and indices.size and int(indices.max()) >= int(num_docs):
         raise ValueError("document index out of range: arrays do not match num_docs")
