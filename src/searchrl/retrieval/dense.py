@@ -9,13 +9,13 @@ from its own config, and the result equals ``SentenceTransformer.encode``; a fol
 to ``from_pretrained`` as is (cached or downloadable models only).
 
 ``encode_shards`` writes passage embeddings in fixed-size ``.npy`` shards, each written atomically,
-so an interrupted build resumes from the last complete shard; on a GPU, ``dtype="float16"`` halves
-the encoder's memory and time. ``build_faiss`` (in :mod:`searchrl.retrieval.faiss_index`) turns the
+so an interrupted build resumes from the last complete shard; ``dtype="float16"`` runs the encoder
+in half precision (the original's GPU setting; embeddings are returned as float32). ``build_faiss`` (in :mod:`searchrl.retrieval.faiss_index`) turns the
 shards into a Flat (exact, default), HNSW, IVF, IVF-PQ, OPQ + IVF-PQ or HNSW-SQ index.
 ``DenseRetriever.load(mmap=True)`` memory-maps the index, and an index built with a float16 refine
 copy re-scores its candidates exactly (see :mod:`searchrl.retrieval.faiss_index`).
 
-Left out: multi-GPU encoding (run one build per GPU on a slice of the corpus and merge the shards).
+Left out: multi-GPU encoding (a build uses one device).
 """
 
 from __future__ import annotations
@@ -320,7 +320,6 @@ class DenseRetriever:
             raise ConfigError(f"refine_factor must be >= 1, got {self.refine_factor}")
         self._ef_search = ef_search or self.faiss_info.get("ef_search", 128)
         set_search_params(index, self.faiss_info, self._ef_search, nprobe)
-        self.search_settings = {"ef_search": ef_search, "nprobe": nprobe, "refine_factor": refine_factor}
 
     @property
     def num_passages(self) -> int:
