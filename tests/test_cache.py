@@ -143,6 +143,7 @@ def test_cli_cache_option(bm25_index, tmp_path, monkeypatch, capsys):
     path = tmp_path / "cli.sqlite"
     assert main(["serve", "--index", str(bm25_index), "--cache", str(path), "--mmap"]) == 0
     assert isinstance(seen["retriever"], CachedRetriever) and seen["retriever"].path == path
+    assert "0 lookups, 0 hits, 0 misses, hit rate -" in capsys.readouterr().err  # printed on exit
     assert main(["search", "--index", str(bm25_index), "--cache", str(path), "honey"]) == 0
     assert "Honeybees" in capsys.readouterr().out
     assert main(["search", "--index", str(bm25_index), "--cache", str(path), "--cache-mode", "replay",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import textwrap
 import time
 from typing import Any
@@ -160,5 +161,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         retriever = RerankRetriever(retriever, args.rerank, fetch_k=args.fetch_k, device=args.device)
     retriever = _with_cache(retriever, args)
-    serve(retriever, host=args.host, port=args.port, max_topk=args.max_topk, max_queries=args.max_queries)
+    try:
+        serve(retriever, host=args.host, port=args.port, max_topk=args.max_topk, max_queries=args.max_queries)
+    finally:
+        if args.cache:
+            print(f"search cache {args.cache}: {retriever.stats_line()}", file=sys.stderr)
     return 0
