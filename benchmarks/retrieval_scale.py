@@ -133,7 +133,7 @@ def dense_probe(args) -> dict:
     """Child process: load one index, search, report memory, latency and recall vs Flat."""
     import faiss
 
-    from searchrl.retrieval.faiss_index import read_faiss, refine_search, set_search_params
+    from searchrl.retrieval.faiss_index import open_vectors, read_faiss, refine_search, set_search_params
 
     work = Path(args.dir)
     faiss.omp_set_num_threads(max(1, int(args.threads)))
@@ -144,7 +144,7 @@ def dense_probe(args) -> dict:
     load_s = time.perf_counter() - t0
     info = json.loads((work / f"{args.kind}.json").read_text())
     set_search_params(index, info, args.ef_search, args.nprobe)
-    vectors = np.load(work / "vectors.npy", mmap_mode="r") if args.refine else None
+    vectors = open_vectors(work / "vectors.npy") if args.refine else None
     after_load = memory_mb()
     ids, times = [], []
     for lo in range(0, len(queries), 64):

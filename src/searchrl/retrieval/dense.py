@@ -32,7 +32,8 @@ import numpy as np
 
 from searchrl.errors import ConfigError, IndexFormatError
 from searchrl.retrieval.faiss_index import (  # noqa: F401 - re-exported: the FAISS side of dense
-    FAISS_TYPES, VECTORS_FILE, build_faiss, default_nlist, read_faiss, refine_search, set_search_params,
+    FAISS_TYPES, VECTORS_FILE, build_faiss, default_nlist, open_vectors, read_faiss, refine_search,
+    set_search_params,
 )  # fmt: skip
 from searchrl.types import Passage
 
@@ -421,7 +422,7 @@ def _load_vectors(directory: Path, info: dict[str, Any], index: Any) -> np.ndarr
     """The memory-mapped refine copy of the vectors, checked against the index."""
     path = directory / VECTORS_FILE
     try:
-        vectors = np.load(path, mmap_mode="r")
+        vectors = open_vectors(path)
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{path}: missing or corrupt refine vectors ({e})") from e
     if vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.dtype(info["refine"]):

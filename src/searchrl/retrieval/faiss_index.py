@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap as mmap_module
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,15 @@ def write_vectors(shards: list[Path], path: Path, dtype: str = "float16") -> dic
     del out
     tmp.replace(path)
     return {"refine": dtype, "refine_factor": 10}
+
+
+def open_vectors(path: Path) -> np.ndarray:
+    """The refine copy, memory-mapped for random access (no read-ahead of neighbouring rows)."""
+    vectors = np.load(path, mmap_mode="r")
+    raw = getattr(vectors, "_mmap", None)
+    if raw is not None and hasattr(raw, "madvise") and hasattr(mmap_module, "MADV_RANDOM"):
+        raw.madvise(mmap_module.MADV_RANDOM)  # rows are read one by one, scattered over the file
+    return vectors
 
 
 def mmap_flags(faiss_type: str) -> int:
