@@ -13,9 +13,13 @@ Parts of ``benchmarks/retrieval.py`` (run them through it):
         extrapolates the memory of each type to ``--target-n`` vectors of ``--target-dim``.
         On random vectors the nearest neighbours are barely nearer than the rest, so recall vs
         Flat there is a pessimistic bound for real embeddings (which cluster).
-    python benchmarks/retrieval.py startup --index DIR [--mmap both]
+    python benchmarks/retrieval.py startup --index DIR [--mmap on,off]
         Loads a (BM25, dense or hybrid) index in a fresh child process with and without
         ``mmap`` and reports seconds, resident memory after load and after one batch of 64.
+    python benchmarks/retrieval.py cache --index DIR [--distinct 2048] [--group 5] [--batch 64]
+        The search cache on batches where each distinct query (a passage title) is asked
+        ``--group`` times, shuffled: queries/s without a cache, while recording, and replaying;
+        hit rates; and whether the replay equals the recording (and the uncached results).
 
 Left out: GPU FAISS and sizes that do not fit this machine (the extrapolation line covers them).
 """
@@ -239,6 +243,45 @@ def startup_probe(args) -> dict:
             "first_batch64_s": round(first, 3)}  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ record / replay
+def cmd_cache(args) -> int:
+    """Queries/s without a cache, recording (first pass) and replaying (second pass, new process
+    state), on batches where each distinct query is asked ``--group`` times (a GRPO group)."""
+    import random
+
+    from searchrl.retrieval.cache import CachedRetriever, encode_hits
+    from searchrl.retrieval.index import load_index
+
+    plain = load_index(args.index)
+    titles: dict[str, None] = {}
+    with open(Path(args.index) / "passages.jsonl", encoding="utf-8") as f:
+        for line in f:
+            titles.setdefault(json.loads(line)["title"] or "query")
+            if len(titles) == args.distinct:
+                break
+    titles = list(titles)
+    asked = [t for t in titles for _ in range(args.group)]
+    random.Random(0).shuffle(asked)
+    batches = [asked[lo : lo + args.batch] for lo in range(0, len(asked), args.batch)]
+    path = args.work / "search-cache.sqlite"
+    path.unlink(missing_ok=True)
+    outputs = {}
+    for name in ("no cache", "record", "replay"):
+        retriever = plain if name == "no cache" else CachedRetriever(plain, path)
+        t0 = time.perf_counter()
+        outputs[name] = [encode_hits(h) for b in batches for h in retriever.search(b, k=3)]
+        seconds = time.perf_counter() - t0
+        stats = retriever.stats() if name != "no cache" else {}
+        emit({"bench": "retrieval_cache", "pass": name, "kind": getattr(plain, "kind", None),
+              "queries": len(asked), "distinct": len(titles), "group": args.group, "batch": args.batch,
+              "seconds": round(seconds, 3), "qps": round(len(asked) / seconds, 1),
+              "hit_rate": stats.get("hit_rate"), "cache_mb": round(path.stat().st_size / 2**20, 2)
+              if path.is_file() else None})  # fmt: skip
+    emit({"bench": "retrieval_cache", "replay_equals_record": outputs["record"] == outputs["replay"],
+          "record_equals_uncached": outputs["record"] == outputs["no cache"]})  # fmt: skip
+    return 0
+
+
 def add_parsers(sub, int_list, str_list) -> None:
     d = sub.add_parser("dense-scale", help="FAISS types: memory, start-up, recall vs Flat, latency")
     d.add_argument("--n", type=lambda s: int_list(s)[0], default=100_000, help="vectors (e.g. 100k)")
@@ -263,6 +306,11 @@ def add_parsers(sub, int_list, str_list) -> None:
     s = sub.add_parser("startup", help="load time and memory of an index, with and without mmap")
     s.add_argument("--index", type=Path, required=True)
     s.add_argument("--mmap", type=lambda s: [x == "on" for x in str_list(s)], default=[False, True])
+    c = sub.add_parser("cache", help="record/replay cache: queries/s and hit rate on GRPO-like batches")
+    c.add_argument("--index", type=Path, required=True)
+    c.add_argument("--distinct", type=int, default=2048, help="distinct queries (passage titles)")
+    c.add_argument("--group", type=int, default=5, help="times each query is asked")
+    c.add_argument("--batch", type=int, default=64)
     p = sub.add_parser("_dense_probe")
     for name in ("--dir", "--kind"):
         p.add_argument(name, required=True)
@@ -275,5 +323,5 @@ def add_parsers(sub, int_list, str_list) -> None:
     q.add_argument("--mmap", action="store_true")
 
 
-PARTS = {"dense-scale": cmd_dense_scale, "startup": cmd_startup}
+PARTS = {"dense-scale": cmd_dense_scale, "startup": cmd_startup, "cache": cmd_cache}
 PROBES = {"_dense_probe": dense_probe, "_startup_probe": startup_probe}

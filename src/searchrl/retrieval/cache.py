@@ -15,7 +15,7 @@ and raises :class:`CacheMiss` for a query the file lacks (strict replay). ``stat
 hit and miss counts and the hit rate since the wrapper was created; the counts are also logged
 every ``log_every`` lookups.
 
-Left out: eviction (the file grows with distinct queries: roughly 1-2 KB a query at k=3), sharing
+Left out: eviction (the file grows with the distinct (query, k) pairs and their passages), sharing
 one file between processes that write at the same time (SQLite serialises them; fine for one
 server and its restarts, slow for many writers), and serving a smaller ``k`` from a larger one.
 """
