@@ -10,10 +10,11 @@ to ``from_pretrained`` as is (cached or downloadable models only).
 
 ``encode_shards`` writes passage embeddings in fixed-size ``.npy`` shards, each written atomically,
 so an interrupted build resumes from the last complete shard; ``dtype="float16"`` runs the encoder
-in half precision (the original's GPU setting; embeddings are returned as float32). ``build_faiss`` (in :mod:`searchrl.retrieval.faiss_index`) turns the
-shards into a Flat (exact, default), HNSW, IVF, IVF-PQ, OPQ + IVF-PQ or HNSW-SQ index.
-``DenseRetriever.load(mmap=True)`` memory-maps the index, and an index built with a float16 refine
-copy re-scores its candidates exactly (see :mod:`searchrl.retrieval.faiss_index`).
+in half precision (the original's GPU setting; embeddings are returned as float32). ``build_faiss``
+(in :mod:`searchrl.retrieval.faiss_index`) turns the shards into a Flat (exact, default), HNSW, IVF,
+IVF-PQ, OPQ + IVF-PQ or HNSW-SQ index. ``DenseRetriever.load(mmap=True)`` memory-maps the index, and
+an index built with a float16 refine copy re-scores its candidates exactly (see
+:mod:`searchrl.retrieval.faiss_index`).
 
 Left out: multi-GPU encoding (a build uses one device).
 """
