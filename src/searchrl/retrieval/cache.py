@@ -11,10 +11,10 @@ recorded run and its replay see identical objects.
 The file records the fingerprint of the index it was made with (``load_index`` sets
 ``retriever.fingerprint`` from the manifest and the query-time settings); opening it with another
 index raises :class:`~searchrl.errors.ConfigError` (a rebuilt index counts as another one: its
-manifest records when it was built, and a rebuild need not give identical FAISS structures). ``mode="replay"`` never calls the retriever
-and raises :class:`CacheMiss` for a query the file lacks (strict replay). ``stats()`` gives lookup,
-hit and miss counts and the hit rate since the wrapper was created; the counts are also logged
-every ``log_every`` lookups.
+manifest records when it was built, and a rebuild need not give identical FAISS structures).
+``mode="replay"`` never calls the retriever and raises :class:`CacheMiss` for a query the file lacks
+(strict replay). ``stats()`` gives lookup, hit and miss counts and the hit rate since the wrapper
+was created; the counts are also logged every ``log_every`` lookups.
 
 Left out: eviction (the file grows with the distinct (query, k) pairs and their passages), sharing
 one file between processes that write at the same time (SQLite serialises them; fine for one
