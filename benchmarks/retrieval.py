@@ -31,6 +31,9 @@ machines this runs on are often shared). Three parts, runnable separately:
         ``build_index`` in a fresh child process and reports its seconds, peak RSS and index size.
         Dense builds run at ``--dense-passages`` only (CPU encoding is ~170 passages/s at best on
         2 idle cores) and are extrapolated linearly to the requested sizes (``extrapolated``).
+    python benchmarks/retrieval.py dense-scale | startup ...
+        FAISS types at scale (memory, start-up, recall vs Flat, latency) and index start-up with
+        and without mmap: see benchmarks/retrieval_scale.py.
     python benchmarks/retrieval.py table FILE...
         Markdown tables (recall, throughput, build) from saved output, for the README.
 
@@ -55,6 +58,9 @@ from _common import (
     ServerProcess, _ms, cpu_seconds, emit, int_list, log, peak_rss_mb, percentile, run_load,
     shared_data_dir, str_list,
 )  # fmt: skip
+from retrieval_scale import PARTS as SCALE_PARTS
+from retrieval_scale import PROBES as SCALE_PROBES
+from retrieval_scale import add_parsers as add_scale_parsers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique")
@@ -449,6 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--keep", action="store_true", help="keep the built indexes in WORK")
     m = sub.add_parser("table", help="markdown tables from saved JSON lines")
     m.add_argument("files", nargs="+", help="files holding this script's output")
+    add_scale_parsers(sub, int_list, str_list)  # dense-scale, startup (benchmarks/retrieval_scale.py)
     o = sub.add_parser("_build_one")  # internal: one build in a fresh process
     o.add_argument("--corpus", type=Path, required=True)
     o.add_argument("--kind", required=True)
@@ -462,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "_build_one":
         print(json.dumps(build_one(args.corpus, args.kind, args.out, args.limit or None)), flush=True)
         return 0
-    parts = {"recall": cmd_recall, "throughput": cmd_throughput, "build": cmd_build, "table": cmd_table}
+    if args.part in SCALE_PROBES:
+        print(json.dumps(SCALE_PROBES[args.part](args)), flush=True)
+        return 0
+    parts = {"recall": cmd_recall, "throughput": cmd_throughput, "build": cmd_build, "table": cmd_table,
+             **SCALE_PARTS}  # fmt: skip
     return parts[args.part](args)
 
 

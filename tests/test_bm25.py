@@ -133,8 +133,40 @@ def test_save_load_round_trip(tiny, tmp_path):
     assert loaded.describe() == ours.describe()
     mm = BM25Retriever.load(tmp_path / "bm25", passages, mmap=True)
     assert mm.search(QUERIES, k=5) == ours.search(QUERIES, k=5)
+    assert all(isinstance(mm.model.scores[a], np.memmap) for a in ("data", "indices", "indptr"))
+    assert not isinstance(loaded.model.scores["data"], np.memmap)
     with pytest.raises(IndexFormatError, match="passages"):
         BM25Retriever.load(tmp_path / "bm25", passages[:5])
+
+
+class LazyPassages:
+    """A read-only Sequence that makes each passage when asked (like the index's PassageStore)."""
+
+    def __init__(self, n, size):
+        self.n, self.size = n, size
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return Passage(str(i), f"T{i % 7}", "x" * self.size + f" word{i % 13} common")  # 1 long token
+
+
+def test_build_streams_texts_instead_of_copying_them():
+    import tracemalloc
+
+    passages = LazyPassages(3000, 4000)  # 12 MB of text in all, a few tokens each
+    tracemalloc.start()
+    try:
+        model = BM25Retriever.build(passages, show_progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 2**20  # a list of every text would hold all 12 MB at once
+    ref = BM25Retriever.build([passages[i] for i in range(len(passages))], show_progress=False)
+    assert model.search(["word3 common", "word5"], k=4) == ref.search(["word3 common", "word5"], k=4)
 
 
 def test_threads_give_identical_results(tiny):

@@ -6,6 +6,9 @@ uses bm25s's precomputed sparse matrix; the top-k selection is ours so that ties
 deterministically (lower passage number first) and passages that share no term with the query
 (score 0) are never returned, as in Lucene/pyserini: a query with no known term gets an empty list.
 
+``BM25Retriever.load(mmap=True)`` memory-maps bm25s's score arrays (only the vocabulary is read into
+memory), so start-up does not read the index and resident memory grows with the terms searched.
+
 Left out: bm25s's numba/JAX back ends (not installed here) and BM25 variants other than the
 ``lucene`` default (they can be passed through ``method=`` but are not tested).
 """
@@ -112,12 +115,16 @@ class BM25Retriever:
         show_progress: bool = True,
         n_threads: int = 1,
     ) -> "BM25Retriever":
-        """Index ``passages`` (their ``contents``: quoted title, newline, text)."""
+        """Index ``passages`` (their ``contents``: quoted title, newline, text).
+
+        Texts are read one at a time (from an index's memory-mapped :class:`PassageStore` they are
+        never all in memory at once); the token ids of every passage are, as bm25s needs them.
+        """
         bm25s = _bm25s()
 
         if len(passages) == 0:
             raise ValueError("cannot build a BM25 index over an empty corpus")
-        texts = [p.contents for p in passages]
+        texts = (passages[i].contents for i in range(len(passages)))  # streamed: no list of all texts
         tokens = bm25s.tokenize(
             texts, stopwords=stopwords, stemmer=_stemmer(stemmer), show_progress=show_progress
         )
@@ -159,7 +166,7 @@ class BM25Retriever:
         try:
             params = json.loads((directory / PARAMS_FILE).read_text())
             model = bm25s.BM25.load(str(directory), mmap=mmap, load_corpus=False, show_progress=False)
-            _check_arrays(model)
+            _check_arrays(model, scan=not mmap)
         except (ValueError, OSError, EOFError, KeyError, TypeError) as e:
             raise IndexFormatError(f"{directory}: corrupt BM25 index ({e})") from e
         if int(model.scores["num_docs"]) != len(passages):
@@ -220,8 +227,12 @@ class BM25Retriever:
         return [[self.passages[i].with_score(s) for i, s in row] for row in hits]
 
 
-def _check_arrays(model: Any) -> None:
-    """Cheap consistency checks on a loaded bm25s model (catches truncated/mixed-up files)."""
+def _check_arrays(model: Any, scan: bool = True) -> None:
+    """Cheap consistency checks on a loaded bm25s model (catches truncated/mixed-up files).
+
+    ``scan=False`` skips the one check that reads a whole array (document ids in range), so that
+    a memory-mapped index is not read in full at start-up.
+    """
     s = model.scores
     data, indices, indptr = s["data"], s["indices"], s["indptr"]
     if data.shape != indices.shape:
@@ -235,5 +246,5 @@ def _check_arrays(model: Any) -> None:
     num_docs = s.get("num_docs")
     if num_docs is None:
         raise ValueError("params.index.json has no num_docs")
-    if indices.size and int(indices.max()) >= int(num_docs):
+    if scan and indices.size and int(indices.max()) >= int(num_docs):
         raise ValueError("document index out of range: arrays do not match num_docs")

