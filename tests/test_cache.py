@@ -152,3 +152,29 @@ def test_cli_cache_option(bm25_index, tmp_path, monkeypatch, capsys):
     assert main(["search", "--index", str(bm25_index), "--cache", str(path), "--cache-mode", "replay",
                  "never asked"]) == 2  # fmt: skip
     assert "not in" in capsys.readouterr().err
+
+
+def test_training_records_searches_and_logs_the_hit_rate(bm25_index, tmp_path, tiny_lm):
+    """`data.index` + `data.search_cache`: the trainer's retriever records every search, and each
+    step logs the cache's hit rate since the start (a question drawn again is replayed)."""
+    from searchrl.config import apply_overrides
+    from searchrl.training.config import TrainConfig
+    from searchrl.training.models import build_models
+    from searchrl.training.pipeline import make_retriever
+    from searchrl.training.trainer import Trainer
+    from searchrl.types import QAExample
+
+    model, tok = tiny_lm
+    cfg = apply_overrides(TrainConfig(), [f"out={tmp_path / 'run'}", f"data.index={bm25_index}",
+                                          f"data.search_cache={tmp_path / 'searches.sqlite'}", "method=rag",
+                                          "prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4",
+                                          "micro_batch_size=4", "rollout.max_turns=1",
+                                          "rollout.max_new_tokens_per_turn=8", "rollout.min_turn_tokens=4",
+                                          "model.amp=off"])
+    retriever = make_retriever(cfg, None)
+    assert isinstance(retriever, CachedRetriever)
+    bundle = build_models(cfg.model, need_reference=False, need_critic=False, model=model, tokenizer=tok)
+    tr = Trainer(cfg, bundle, retriever, [QAExample(f"e{i}", f"Where is Paris {i}", ["France"]) for i in range(2)])
+    assert tr.step()["search_cache_hit_rate"] == 0.0  # first step: every query is new
+    assert tr.step()["search_cache_hit_rate"] == pytest.approx(0.5)  # the same two questions, replayed
+    assert (tmp_path / "searches.sqlite").stat().st_size > 0

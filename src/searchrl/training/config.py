@@ -62,6 +62,8 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list, metadata=_h("QA files to evaluate on; empty = the world's test split"))
     corpus: str | None = field(default=None, metadata=_h("corpus JSONL to index in-process (with train_files)"))
     index: str | None = field(default=None, metadata=_h("a built index directory (searchrl index)"))
+    index_mmap: bool = field(default=False, metadata=_h("with data.index: memory-map the index files (start-up in seconds, RSS grows with use)"))
+    search_cache: str | None = field(default=None, metadata=_h("with data.index: a SQLite file recording every search (repeats and reruns replay it byte for byte)"))
     retriever_url: str | None = field(default=None, metadata=_h("a running /retrieve server instead of an in-process index (several: comma-separated, round-robin with failover)"))
     retriever_wait: float = field(default=60.0, metadata=_h("seconds to keep retrying an unreachable retrieval server before the run stops"))
     train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))

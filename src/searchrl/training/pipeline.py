@@ -107,7 +107,7 @@ def make_retriever(cfg: TrainConfig, corpus_path: str | Path | None) -> Any:
     if d.index:
         from searchrl.retrieval.index import load_index
 
-        return load_index(d.index)
+        return load_index(d.index, mmap=d.index_mmap, cache=d.search_cache)
     if cfg.method in ("direct", "cot"):
         return None
     return bm25_over(corpus_path)

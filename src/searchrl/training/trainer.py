@@ -383,6 +383,9 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(),
             **upd,
         }
+        if callable(getattr(self.retriever, "stats", None)):  # a record/replay cache (data.search_cache)
+            rate = self.retriever.stats().get("hit_rate")
+            metrics["search_cache_hit_rate"] = float(rate) if rate is not None else 0.0
         metrics = self._across_ranks(metrics)
         self.last_trajectories = trajs
         self.logger.log(metrics)
