@@ -161,6 +161,7 @@ def _write_back(args: argparse.Namespace, cfg: Any) -> None:
     args.model, args.device, args.amp = m.name, m.device, m.amp
     args.dtype = args.dtype or m.dtype  # not validated as a training dtype: float16 runs too
     args.index, args.retriever_url = d.index, d.retriever_url
+    args.index_mmap, args.search_cache = d.index_mmap, d.search_cache
     ev = cfg.eval_rollout_config
     args.rollout = replace(ev, seed=ev.seed if ev.seed is not None else cfg.seed)
     args.data_config = d if args.configured else None  # its world, when one is needed
@@ -195,7 +196,8 @@ def build_retriever(args: argparse.Namespace) -> Any:
     if args.index:
         from searchrl.retrieval.index import load_index
 
-        return load_index(args.index)
+        return load_index(args.index, mmap=getattr(args, "index_mmap", False),
+                          cache=getattr(args, "search_cache", None))
     if args.retriever_url:
         from searchrl.retrieval.client import HttpRetriever
 
