@@ -357,6 +357,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             raise IndexFormatError(f"{path}: field {field!r} is missing (needed for a {kind} index)")
     if not isinstance(m["num_passages"], int) or m["num_passages"] < 1:
         raise IndexFormatError(f"{path}: num_passages must be a positive integer")
+    for section in ("passages", "bm25", "dense", "hybrid"):
+        value = m.get(section)
+        if section in m and not (isinstance(value, dict) and isinstance(value.get("dir", ""), str)):
+            raise IndexFormatError(f"{path}: {section!r} must be an object (with a string 'dir'), got {value!r}")
     return m
 
 
