@@ -26,8 +26,8 @@ token budget at least ``max_model_len``), so no prefill is ever split (pass
 ``enable_chunked_prefill`` to choose otherwise).
 
 :meth:`VLLMGenerator.load_weights` copies a trainer's weights (a module or ``(name, tensor)``
-pairs) into the running engine in place (``LLM.apply_model`` runs the model's own
-``load_weights`` in every worker, chunk by chunk), then resets the prefix cache so no KV
+pairs) into the running engine in place (every worker runs vLLM's in-place
+``reload_weights`` on chunks of whole layers), then resets the prefix cache so no KV
 computed with old weights is reused. It is the trainer's ``sync_weights``.
 
 **Sleep** (GPU only, ``sleep=True``): :meth:`reset_cache` (which the rollout loop calls when a run
@@ -37,7 +37,7 @@ KV cache freed), so the optimizer step has that memory; the next ``generate`` / 
 
 vLLM is imported inside the class only (an optional dependency: ``pip install vllm``). Left
 out: async engines, multi-node placement, LoRA adapters (merge them first), weight sync through
-NCCL (weights go through ``apply_model``, pickled to each worker).
+NCCL (weights are pickled to each worker through ``collective_rpc``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,7 +56,7 @@ from searchrl.rollout.engine.protocol import Completion, SamplingParams
 log = logging.getLogger(__name__)
 
 VLLM_INSTALL = "pip install vllm"
-_CHUNK_BYTES = 512 * 2**20  # weights sent per apply_model call
+_CHUNK_BYTES = 512 * 2**20  # weights sent per reload call
 
 
 class BackendUnavailable(SearchRLError):
@@ -109,10 +109,41 @@ def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
     return [float(pos[t].logprob) for t, pos in zip(token_ids, logprobs)]
 
 
-def _load_into(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside each vLLM worker: the model's own loader maps HF names to its fused layout."""
-    model.load_weights(weights=weights)  # type: ignore[operator]
-    return len(weights)
+def _layer_of(name: str) -> str:
+    """The module group a weight belongs to (``model.layers.3`` for a decoder layer's weights),
+    so weight chunks hold whole layers.
+
+    >>> _layer_of("model.layers.3.self_attn.q_proj.weight"), _layer_of("model.norm.weight")
+    ('model.layers.3', 'model.norm')
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def weight_chunks(
+    items: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = _CHUNK_BYTES
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``(name, CPU tensor)`` lists of about ``chunk_bytes``, cut between layers only."""
+    chunk: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in items:
+        if chunk and size >= chunk_bytes and _layer_of(name) != _layer_of(chunk[-1][0]):
+            yield chunk
+            chunk, size = [], 0
+        t = tensor.detach().to("cpu", copy=True)  # CPU tensors cross process boundaries
+        chunk.append((name, t))
+        size += t.numel() * t.element_size()
+    if chunk:
+        yield chunk
+
+
+def _reload_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside each vLLM worker (the chunk travels pickled with the function: passed as
+    plain RPC arguments the tensors do not arrive as tensors)."""
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
 
 
 def _on_cpu(vllm: Any) -> bool:
@@ -167,7 +198,7 @@ class VLLMGenerator:
         on_cpu = _on_cpu(vllm)
         if sleep and on_cpu:
             raise ConfigError("vllm sleep/wake (model.vllm_sleep) needs a GPU; this vLLM runs on CPU")
-        # apply_model (weight sync) pickles a function to the engine process.
+        # weight sync pickles tensors to the engine process (collective_rpc).
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.model_path = resolve_model_path(model_path)
         self._vllm = vllm
@@ -244,17 +275,10 @@ class VLLMGenerator:
             weights = weights.state_dict()
         items = weights.items() if isinstance(weights, Mapping) else weights
         self.ensure_awake(tags=["weights"])
-        chunk: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for name, tensor in items:
-            t = tensor.detach().to("cpu", copy=True)  # CPU tensors cross process boundaries
-            chunk.append((name, t))
-            size += t.numel() * t.element_size()
-            if size >= _CHUNK_BYTES:
-                self.llm.apply_model(functools.partial(_load_into, weights=chunk))
-                chunk, size = [], 0
-        if chunk:
-            self.llm.apply_model(functools.partial(_load_into, weights=chunk))
+        for chunk in weight_chunks(items):
+            # vLLM's in-place reload: the model's own loader (HF names to its fused layout), then
+            # each layer's post-load processing (CPU kernels repack weights after loading)
+            self.llm.collective_rpc(functools.partial(_reload_in_worker, weights=chunk))
         self.ensure_awake()
         self.llm.reset_prefix_cache()
 
