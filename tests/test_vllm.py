@@ -221,6 +221,7 @@ def test_train_with_the_vllm_backend_end_to_end(model_dir, tmp_path):
            "eval_rollout.max_turns=1", "eval_rollout.max_new_tokens_per_turn=16"]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "LLM engine" in res.stdout + res.stderr  # the rollouts ran on vLLM (its log)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(steps) == 2
     # the engine's log-probs are the policy's, at the rollout temperature, within float tolerance
@@ -235,4 +236,5 @@ def test_eval_with_the_vllm_backend_end_to_end(model_dir, tmp_path):
            "--out", str(out), "data.world_entities=60"]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "LLM engine" in res.stdout + res.stderr
     assert any(out.rglob("*.json")), list(out.rglob("*"))
