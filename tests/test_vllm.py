@@ -225,7 +225,7 @@ def test_train_with_the_vllm_backend_end_to_end(model_dir, tmp_path):
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(steps) == 2
     # the engine's log-probs are the policy's, at the rollout temperature, within float tolerance
-    assert all(0.0 <= s["logprob_drift"] < 1e-2 for s in steps), steps
+    assert all(0.0 <= s["logprob_drift"] < 1e-4 for s in steps), steps
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
