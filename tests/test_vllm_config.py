@@ -57,3 +57,42 @@ def test_weight_sync_sends_the_policys_parameters(tiny_lm):
     layers = [{n.split(".")[2] for n, _ in c if ".layers." in n} for c in chunks]
     assert len(chunks) > 2 and all(len(s) <= 1 for s in layers)
     assert sum(len(c) for c in chunks) == len(got)
+
+
+def test_sleep_between_rollouts_and_wake_for_the_weight_sync(tiny_lm):
+    """The sleep/wake order (GPU only in practice) over a recording stand-in for ``vllm.LLM``."""
+    from searchrl.rollout.engine.protocol import reset_cache
+    from searchrl.rollout.engine.vllm_backend import VLLMGenerator
+
+    class LLM:
+        def __init__(self):
+            self.calls = []
+
+        def sleep(self, level):
+            self.calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            self.calls.append(("wake", tags))
+
+        def reset_prefix_cache(self):
+            self.calls.append(("reset",))
+
+        def collective_rpc(self, fn):
+            self.calls.append(("reload", len(fn.keywords["weights"])))
+
+    model, _ = tiny_lm
+    gen = object.__new__(VLLMGenerator)  # the engine is not built: only its bookkeeping runs
+    gen.llm, gen.sleep, gen._asleep, gen._used = LLM(), True, False, False
+    reset_cache(gen)  # a rollout run starts: nothing generated yet, the engine stays awake
+    gen.ensure_awake(use=True)  # generate / stream
+    reset_cache(gen)  # the run ends: asleep during the update
+    reset_cache(gen)
+    gen.load_weights(model)  # the trainer's sync: weights first, then the KV cache
+    reset_cache(gen)  # the next run starts awake
+    n = len(model.state_dict())  # a module goes as its state dict (tied lm_head included)
+    assert gen.llm.calls == [("reset",), ("sleep", 1), ("wake", ["weights"]), ("reload", n), ("wake", None),
+                             ("reset",), ("reset",)]
+    gen.sleep = False
+    gen.ensure_awake(use=True)
+    reset_cache(gen)
+    assert gen.llm.calls[-1] == ("reset",)  # without sleep: the prefix cache is reset
