@@ -84,7 +84,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=PROMPT_METHODS, help="search agent or baseline (default: search)")
     p.add_argument("--model", help="model folder (e.g. an exported checkpoint), .gguf file or hub id "
                    "(default: the bundled SmolLM2-135M-Instruct)")  # fmt: skip
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="generation backend")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=None,
+                   help="generation backend (default: model.backend of --config, else hf)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     p.add_argument("--dtype", help="model dtype (float32, bfloat16; default float32)")
     p.add_argument("--amp", choices=AMP_MODES,
@@ -159,6 +160,7 @@ def _write_back(args: argparse.Namespace, cfg: Any) -> None:
     args.method, args.seed, args.batch_size = cfg.method, cfg.seed, cfg.rollout_batch_size
     m, d = cfg.model, cfg.data
     args.model, args.device, args.amp = m.name, m.device, m.amp
+    args.backend = getattr(args, "backend", None) or m.backend
     args.dtype = args.dtype or m.dtype  # not validated as a training dtype: float16 runs too
     args.index, args.retriever_url = d.index, d.retriever_url
     args.index_mmap, args.search_cache = d.index_mmap, d.search_cache

@@ -9,7 +9,7 @@ only inserted text (information blocks, corrective feedback) is encoded, with
 
 Two schedules (``RolloutConfig.schedule``; ``auto`` picks ``continuous`` when the generator
 can stream and prefers it, see :class:`~searchrl.rollout.engine.protocol.StreamingGenerator`: the HF
-backend on a GPU; else ``rounds``):
+backend on a GPU, the vLLM backend anywhere; else ``rounds``):
 
 - ``continuous``: the generator's own stream, one decode step per ``step`` (it joins queued rows
   in small groups within a few steps, and prefills only the new tokens when it keeps their KV).

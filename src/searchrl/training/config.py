@@ -45,12 +45,23 @@ class ModelConfig:
     amp: str = field(default="auto", metadata=_h("mixed precision over fp32 weights: bf16 autocast in training, a bf16 copy of the weights in generation: auto (where the hardware has native bf16) | bf16 | off"))
     amp_copy: bool = field(default=True, metadata=_h("with amp: generate on a bf16 copy of the weights (faster decoding than autocast, see the README; costs half the fp32 weights' memory more) instead of under autocast"))
     critic_name: str | None = field(default=None, metadata=_h("critic base model (PPO); None = same as the policy"))
+    backend: str = field(default="hf", metadata=_h("generation engine: hf (the policy itself generates) | vllm (a vLLM engine over model.name, weights synced after each optimizer step)"))
+    vllm_gpu_memory_utilization: float = field(default=0.5, metadata=_h("vllm: fraction of GPU memory the engine may take (weights + KV cache); colocated with training, leave room for it"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=_h("vllm: GPUs one engine spans (tensor parallel)"))
+    vllm_sleep: bool = field(default=False, metadata=_h("vllm, GPU: put the engine to sleep during the update (frees its KV cache memory) and wake it before the next rollout"))
+    vllm_max_model_len: int = field(default=0, metadata=_h("vllm: the engine's context length (0 = the model's own)"))
 
     def __post_init__(self) -> None:
         check(self.dtype in ("float32", "bfloat16"), "model.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
         check(self.amp in AMP_MODES, "model.amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         check(self.lora_r >= 0, "model.lora_r", "must be >= 0")
         check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1)")
+        check(self.backend in ("hf", "vllm"), "model.backend", f"must be hf or vllm, got {self.backend!r}")
+        check(0.0 < self.vllm_gpu_memory_utilization <= 1.0, "model.vllm_gpu_memory_utilization", "must be in (0, 1]")
+        check(self.vllm_tensor_parallel_size >= 1, "model.vllm_tensor_parallel_size", "must be >= 1")
+        check(self.vllm_max_model_len >= 0, "model.vllm_max_model_len", "must be >= 0")
+        check(not (self.backend == "vllm" and self.lora_r), "model.backend",
+              "vllm with LoRA (model.lora_r > 0) is not supported: the engine syncs full weights")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import copy
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,13 +44,26 @@ class ModelBundle:
     dist: Dist = field(default_factory=Dist)
     gen_model: torch.nn.Module | None = None  # FSDP: an unsharded local copy that generates
 
-    def generator(self) -> Any:
+    def generator(self, cfg: ModelConfig | None = None) -> Any:
         """An :class:`~searchrl.rollout.engine.hf.HFGenerator` over the policy (under FSDP, over its
-        local unsharded copy), with these precision settings."""
+        local unsharded copy), with these precision settings; with ``cfg.backend == "vllm"`` a
+        vLLM engine over ``cfg.name`` instead (its weights follow the policy through
+        :meth:`weight_sync`)."""
         from searchrl.rollout.engine.hf import HFGenerator
 
+        if cfg is not None and cfg.backend == "vllm":
+            return vllm_generator(cfg, self.amp)
         model = self.gen_model if self.gen_model is not None else self.policy
         return HFGenerator(model, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
+
+    def weight_sync(self, generator: Any) -> Callable[[torch.nn.Module], None] | None:
+        """The trainer's ``sync_weights`` for a generator holding its own copy of the weights (one
+        with ``load_weights``: vLLM): the policy's full parameters go to it (under FSDP gathered
+        one at a time: a collective). ``None`` when the generator runs the policy itself."""
+        load = getattr(generator, "load_weights", None)
+        if load is None:
+            return None
+        return lambda policy: load(full_parameters(policy))
 
     def sync_generation_copy(self) -> None:
         """FSDP: refresh the generation copy from the policy's shards (a collective: every rank
@@ -103,6 +116,19 @@ class ModelBundle:
         self.policy.unmerge_adapter()  # ... so unmerging subtracts nothing: the base keeps the merge
         return {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters()
                 if "base_layer" in n}
+
+
+def vllm_generator(cfg: ModelConfig, amp: torch.dtype | None) -> Any:
+    """A vLLM engine over ``cfg.name`` with the ``model.vllm_*`` settings, computing in bf16 when
+    the policy's generation would (``amp``), else in ``cfg.dtype``."""
+    from searchrl.rollout.engine.factory import make_generator
+
+    kwargs: dict[str, Any] = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                  tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep)
+    if cfg.vllm_max_model_len:
+        kwargs["max_model_len"] = cfg.vllm_max_model_len
+    dtype = "bfloat16" if amp == torch.bfloat16 else cfg.dtype
+    return make_generator("vllm", model_path=cfg.name, dtype=dtype, **kwargs)
 
 
 def save_base_weights(weights: dict[str, torch.Tensor], path: Path) -> None:

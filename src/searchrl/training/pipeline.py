@@ -300,7 +300,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
     models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic,
                           dist=dist, parallel=cfg.parallel)
-    trainer = Trainer(cfg, models, retriever, train, generator=models.generator())
+    generator = models.generator(cfg.model)  # model.backend: the policy itself, or a vLLM engine
+    trainer = Trainer(cfg, models, retriever, train, generator=generator, sync_weights=models.weight_sync(generator))
     resumed = _start(cfg, trainer, train, retriever, out, resume)
     before_path = out / "eval_before.json"
     if cfg.eval_before and evals and not before_path.exists():

@@ -9,7 +9,7 @@ row to its end through ``generate`` and returns them all, in the order they were
 kept between steps (a backend's own KV reuse across calls still applies).
 
 So the loop has one scheduler over the stream protocol, and a backend that only generates in
-batches (vLLM's offline engine, a scripted test generator) runs it as rounds: every trajectory in
+batches (a scripted test generator; any generator when ``rollout.schedule=rounds``) runs it as rounds: every trajectory in
 flight generates one turn, then all the round's searches go to the retriever at once.
 
 Left out: splitting a step into several calls by size (the backend batches as it likes).

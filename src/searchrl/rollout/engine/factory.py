@@ -31,7 +31,8 @@ def make_generator(
     ``device`` (default cpu); ``kwargs`` go to :class:`~searchrl.rollout.engine.hf.HFGenerator`
     (``batch_size``, ``eos_token_ids``, ``kv_reuse``, ``kv_keep_calls``).
     ``vllm``: a :class:`~searchrl.rollout.engine.vllm_backend.VLLMGenerator` over ``model_path`` (default:
-    the cached SmolLM2 folder; vLLM picks its own device); ``kwargs`` go to the vLLM engine.
+    the cached SmolLM2 folder; vLLM picks its own device); ``kwargs`` go to it (``sleep``) and
+    to the vLLM engine.
 
     >>> make_generator("tgi")
     Traceback (most recent call last):

@@ -7,7 +7,8 @@ that ends in the middle of a token keeps that whole token).
 
 Log-probs are the sampled tokens' log-probabilities under the raw model's
 ``softmax(logits / temperature)`` (temperature 1 when greedy), before any top-p truncation (vLLM
-returns its ``logprobs_mode`` values, by default at temperature 1): with the RL settings
+runs with ``processed_logprobs``: the same, except that with top-p < 1 they are those of the
+truncated distribution): with the RL settings
 (temperature 1, top-p 1) every backend returns the policy's own log-probabilities.
 
 A backend may keep state across calls that depends on the weights (the ``hf`` backend keeps KV

