@@ -185,7 +185,7 @@ def test_ratio_is_exactly_one_before_the_update_with_lora_dropout(tiny_lm, tmp_p
     tr.models.policy.train()
     prep = tr.prepare(trajs, torch.tensor([1.0, 0.0] * 4))
     assert prep.old_logprobs is not None
-    first = tr._plan(len(trajs), 0)[0]
+    first = tr._plan(trajs, 0)[0]
     rows = [i for micro in first for i in micro]
     stats = tr._accumulate(trajs, prep, first, tr._normalizer(prep.mask[rows]))
     assert stats["ratio_max"] == 1.0 and stats["ratio_mean"] == 1.0 and stats["approx_kl"] == 0.0
@@ -212,7 +212,7 @@ def test_critic_step_is_skipped_on_non_finite_gradients(tiny_lm, tmp_path):
                       "model.amp=off")
     trajs = make_trajs(tr.tokenizer, 4, 1)
     prep = tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0]))
-    plan = tr._plan(4, 0)[0]
+    plan = tr._plan(trajs, 0)[0]
     tr._accumulate(trajs, prep, plan, tr._normalizer(prep.mask))
     critic_before = {n: p.detach().clone() for n, p in tr.models.critic.named_parameters()}
     policy_before = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters()}
@@ -291,3 +291,22 @@ def test_later_mini_batches_see_the_updated_weights_under_autocast(tiny_lm, tmp_
     assert tr.models.amp == torch.bfloat16
     m = tr.step()
     assert m["approx_kl"] > 0 and m["ratio_max"] != 1.0  # epoch 2 ran on the updated weights
+
+
+def test_micro_batches_group_rows_of_similar_length_inside_a_random_mini_batch(tiny_lm, tmp_path):
+    """Padding is what a micro-batch pays for mixing lengths: rows are sorted by length inside each
+    mini-batch (whose membership stays the random draw, epoch by epoch)."""
+    tr = make_trainer(tiny_lm, tmp_path, "mini_batch_size=4", "micro_batch_size=2", "prompts_per_step=4",
+                      "ppo_epochs=2")
+    trajs = make_trajs(tr.tokenizer, 8, 2)
+    for i, t in enumerate(trajs):  # lengths 8 - i: the random draw and the sorted order disagree
+        t.response_ids, t.loss_mask = t.response_ids[: 8 - i], t.loss_mask[: 8 - i]
+    length = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
+    plans = [tr._plan(trajs, epoch) for epoch in (0, 1)]
+    for plan in plans:
+        assert sorted(i for mini in plan for micro in mini for i in micro) == list(range(8))
+        for mini in plan:
+            rows = [i for micro in mini for i in micro]
+            assert [length[i] for i in rows] == sorted(length[i] for i in rows)
+    members = [[sorted(i for micro in mini for i in micro) for mini in plan] for plan in plans]
+    assert members[0] != members[1] and members[0] != [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -153,11 +153,17 @@ class Trainer:
         for m in (self.models.policy, self.models.reference, self.models.critic):
             disable_dropout(m)
 
-    def _plan(self, n: int, epoch: int) -> list[list[list[int]]]:
-        """Epoch ``epoch``'s mini-batches, each a list of micro-batches of row indices."""
+    def _plan(self, trajs: list[Trajectory], epoch: int) -> list[list[list[int]]]:
+        """Epoch ``epoch``'s mini-batches, each a list of micro-batches of row indices.
+
+        Mini-batches are drawn at random; inside one, rows are grouped by length into micro-batches
+        (the mini-batch's gradient is their sum, so the grouping changes only the padding: ~10 % of
+        the tokens and ~20 % of the attention of the default step with random pairs, ~1-3 % sorted).
+        """
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_idx * 101 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        return [micro_batches(mini, self.cfg.micro_batch_size)
+        order = torch.randperm(len(trajs), generator=g).tolist()
+        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
+        return [micro_batches(sorted(mini, key=lengths.__getitem__), self.cfg.micro_batch_size)
                 for mini in micro_batches(order, self._local_mini_batch)]
 
     @property
@@ -188,7 +194,7 @@ class Trainer:
         on_policy = self.cfg.ppo_epochs == 1 and self._local_mini_batch >= N and not (ref is not None and a.kl_in_reward)
         old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
-        for rows in (rows for mini in self._plan(N, 0) for rows in mini):
+        for rows in (rows for mini in self._plan(trajs, 0) for rows in mini):
             b = collate([trajs[i] for i in rows], self.pad_id).to(self.models.device)
             r = b.response_ids.shape[1]
             if old is not None:
@@ -224,7 +230,7 @@ class Trainer:
         n_updates = skipped = 0
         drift = [0.0, 0.0]  # sum of |sampler - trainer| log-prob, sampled tokens
         for epoch in range(self.cfg.ppo_epochs):
-            for mini in self._plan(len(trajs), epoch):
+            for mini in self._plan(trajs, epoch):
                 rows = [i for micro in mini for i in micro]
                 # One autocast region per mini-batch: autocast caches its bf16 casts of the weights
                 # until the region ends, so a region spanning an optimizer step would keep
