@@ -137,3 +137,24 @@ def test_a_dead_rank_ends_the_job_and_the_run_resumes_exactly(tiny_model_dir, tm
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_each_rank_takes_its_own_gpu_before_joining_the_group(monkeypatch):
+    """Under torchrun on CUDA every rank must compute on GPU LOCAL_RANK (NCCL refuses two ranks on
+    one GPU); "cuda" without an index then resolves to it. Recorded without a GPU."""
+    from searchrl.training import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    d = distributed.init_from_env(torch.device("cuda"))
+    assert calls == [("set_device", 3), ("init", "nccl")]
+    assert (d.rank, d.world, d.local_rank) == (3, 4, 3)
+    calls.clear()
+    distributed.init_from_env(torch.device("cpu"))
+    assert calls == [("init", "gloo")]  # no GPU selected on CPU

@@ -85,16 +85,19 @@ class Dist:
 def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> Dist:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), or run alone.
 
-    Backend: NCCL on CUDA, gloo on CPU. A rank that dies makes the others' next collective fail
+    Backend: NCCL on CUDA (each rank on GPU ``LOCAL_RANK``), gloo on CPU. A rank that dies makes the others' next collective fail
     after ``timeout_s`` (torchrun then stops the job) instead of hanging forever.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":  # one GPU per rank: "cuda" (no index) then means this rank's GPU
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
     if d.main:
         log.info("distributed: %d ranks (%s)", d.world, dist.get_backend())
     return d
