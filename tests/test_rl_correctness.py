@@ -24,7 +24,7 @@ from test_training import EchoRetriever, make_trainer, make_trajs  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*qwen2.5*.yaml"))
-SMALL = ["prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4", "micro_batch_size=4", "model.device=cpu",
+SMALL = ["model.backend=hf", "prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4", "micro_batch_size=4", "model.device=cpu",
          "rollout.max_new_tokens_per_turn=16", "rollout.max_turns=1"]
 
 
