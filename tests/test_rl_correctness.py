@@ -299,7 +299,7 @@ def test_micro_batches_group_rows_of_similar_length_inside_a_random_mini_batch(t
     tr = make_trainer(tiny_lm, tmp_path, "mini_batch_size=4", "micro_batch_size=2", "prompts_per_step=4",
                       "ppo_epochs=2")
     trajs = make_trajs(tr.tokenizer, 8, 2)
-    for i, t in enumerate(trajs):  # lengths 8 - i: the random draw and the sorted order disagree
+    for i, t in enumerate(trajs):  # responses of 8 - i tokens: the draw and the length order disagree
         t.response_ids, t.loss_mask = t.response_ids[: 8 - i], t.loss_mask[: 8 - i]
     length = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
     plans = [tr._plan(trajs, epoch) for epoch in (0, 1)]

@@ -85,8 +85,9 @@ class Dist:
 def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> Dist:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), or run alone.
 
-    Backend: NCCL on CUDA (each rank on GPU ``LOCAL_RANK``), gloo on CPU. A rank that dies makes the others' next collective fail
-    after ``timeout_s`` (torchrun then stops the job) instead of hanging forever.
+    Backend: NCCL on CUDA (each rank on GPU ``LOCAL_RANK``), gloo on CPU. A rank that dies makes
+    the others' next collective fail after ``timeout_s`` (torchrun then stops the job) instead of
+    hanging forever.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
