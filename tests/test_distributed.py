@@ -88,6 +88,38 @@ def test_train_cli_runs_on_two_processes_and_resumes_on_one(tiny_model_dir, tmp_
     assert [m["step"] for m in steps] == [1, 2, 3]
 
 
+def test_fsdp_generates_on_a_bf16_copy_and_exports_the_fp32_weights(tiny_model_dir, tmp_path):
+    """Under FSDP each rank generates on an unsharded copy: in bf16 under amp (not fp32 plus a bf16
+    copy of it); the exported model is still the policy's fp32 weights, gathered from the shards."""
+    import json
+
+    env = dict(_env(), SEARCHRL_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    cmd = [a for a in _train_cmd(tiny_model_dir, out, "steps=1") if a != "model.amp=off"]
+    res = subprocess.run([*cmd, "model.amp=bf16", "--nproc", "2"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    trained = load_file(str(out / "checkpoints" / "step-000001" / "policy.safetensors"))
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    for name, w in trained.items():
+        assert torch.equal(exported[name], w), name
+
+
+def test_generation_copy_is_in_the_amp_dtype_and_keeps_buffers(tiny_tokenizer):
+    from searchrl.testing import tiny_random_lm
+    from searchrl.training.models import generation_copy
+
+    model = tiny_random_lm(tiny_tokenizer, seed=0)
+    gen = generation_copy(model, torch.bfloat16)
+    assert {p.dtype for p in gen.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in gen.parameters())
+    assert {b.dtype for b in gen.buffers() if b.is_floating_point()} <= {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy is untouched
+    assert {p.dtype for p in generation_copy(model, None).parameters()} == {torch.float32}
+
+
 def _worker_pids(marker: str) -> dict[int, int]:
     """LOCAL_RANK -> pid of the torchrun workers whose command line mentions ``marker``."""
     pids = {}

@@ -65,6 +65,18 @@ class ModelBundle:
             return None
         return lambda policy: load(full_parameters(policy))
 
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        """FSDP: the policy's full parameters in their training precision, on the CPU of rank 0
+        (``{}`` on the others; a collective: every rank calls it). ``None`` without FSDP (the
+        policy itself is exported)."""
+        if self.gen_model is None:
+            return None
+        state: dict[str, torch.Tensor] = {}
+        for name, full in full_parameters(self.policy):  # every rank takes part in each gather
+            if self.dist.main:
+                state[name] = full.cpu().clone()
+        return state
+
     def sync_generation_copy(self) -> None:
         """FSDP: refresh the generation copy from the policy's shards (a collective: every rank
         calls it at the same point). A no-op when the policy itself generates."""
@@ -116,6 +128,19 @@ class ModelBundle:
         self.policy.unmerge_adapter()  # ... so unmerging subtracts nothing: the base keeps the merge
         return {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters()
                 if "base_layer" in n}
+
+
+def generation_copy(model: torch.nn.Module, amp: torch.dtype | None) -> torch.nn.Module:
+    """FSDP: the unsharded local copy of the policy that generates, frozen; its float parameters
+    in ``amp`` when given (the HF engine would otherwise keep this copy in fp32 *and* a bf16 copy of
+    it: the copy in ``amp`` is all generation needs, at a quarter of the two). Buffers (rotary
+    frequencies) keep their dtype. Exports are taken from the policy's shards, not from it."""
+    gen = copy.deepcopy(model).eval()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+        if amp is not None and p.dtype == torch.float32:
+            p.data = p.data.to(amp)
+    return gen
 
 
 def vllm_generator(cfg: ModelConfig, amp: torch.dtype | None) -> Any:
@@ -215,9 +240,7 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
              compute)
     gen_model = None
     if dist.enabled and (parallel is None or parallel.strategy == "fsdp"):
-        gen_model = copy.deepcopy(model).eval()
-        for p in gen_model.parameters():
-            p.requires_grad_(False)
+        gen_model = generation_copy(model, amp if cfg.amp_copy else None)
         offload = bool(parallel and parallel.cpu_offload)
         for m in (model, reference, critic):
             if m is not None:

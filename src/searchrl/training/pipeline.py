@@ -191,15 +191,16 @@ def _supervised_baseline(cfg: TrainConfig, trainer, train, generator, retriever,
     trainer.save()
 
 
-def export_model(models, path: Path) -> Path:
+def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``.
 
-    Under FSDP the (synced) unsharded generation copy is what gets saved."""
+    Under FSDP ``state`` holds the policy's full parameters (:meth:`ModelBundle.export_state`),
+    saved in the architecture of the unsharded generation copy (whose own weights may be bf16)."""
     policy = models.gen_model if models.gen_model is not None else models.policy
     if models.uses_lora:
         policy = policy.merge_and_unload()
     tmp = path.with_name(path.name + ".tmp")
-    policy.save_pretrained(tmp)
+    policy.save_pretrained(tmp, state_dict=state)
     models.tokenizer.save_pretrained(tmp)
     if path.exists():
         import shutil
@@ -308,7 +309,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
         _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_before")
     _train(cfg, trainer, train, evals, retriever, out)
     after = _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_after") if evals else None
-    models.sync_generation_copy()  # what export_model saves under FSDP
+    export_state = models.export_state()  # FSDP: the full weights gathered on rank 0 (a collective)
     if not dist.main:
         return {}
     summary: dict[str, Any] = {"steps": trainer.step_idx}
@@ -323,7 +324,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     summary["wall_seconds"] = round(time.perf_counter() - t_start + prev.get("wall_seconds", 0.0), 1)
     summary["config"] = to_dict(cfg)
     summary["world_size"] = dist.world
-    summary["model"] = str(export_model(models, out / "model"))
+    summary["model"] = str(export_model(models, out / "model", export_state))
     _write_json(out / "summary.json", summary)
     if cfg.report:
         from searchrl.report.html import write_report
