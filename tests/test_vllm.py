@@ -5,7 +5,8 @@ Marked ``vllm``: deselected in the main suite, run by ``bash scripts/test-vllm.s
 engine serves the whole module (starting one takes ~30-60 s here): a tiny random Llama saved to
 a folder (vLLM loads folders), fp32, eager, a 1024-token context, 1 GiB of KV cache. The HF
 generator runs the same weights, so greedy tokens must be equal and log-probs equal within
-float tolerance. The CLI tests start their own engines in subprocesses.
+float tolerance. The CLI tests start their own engines in subprocesses, and so do the two-rank
+tests (torchrun over gloo, 1 thread a rank): one engine per rank, in the rank's own process.
 """
 
 from __future__ import annotations
@@ -238,3 +239,76 @@ def test_eval_with_the_vllm_backend_end_to_end(model_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "LLM engine" in res.stdout + res.stderr
     assert any(out.rglob("*.json")), list(out.rglob("*"))
+
+
+# One rank of a 2-process job: its own engine generates its own jobs (a list of calls); the results,
+# the engine's executor and the global RNG check go to OUT/rank<R>.json.
+_RANK_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from searchrl.rollout.engine.protocol import SamplingParams
+from searchrl.rollout.engine.vllm_backend import VLLMGenerator
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model_dir, out, jobs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])[rank]
+torch.manual_seed(5)
+state = torch.get_rng_state()
+gen = VLLMGenerator(model_dir, dtype="float32", max_model_len=1024)
+rng_kept = torch.equal(torch.get_rng_state(), state)
+results = []
+for prompts, n in jobs:
+    outs = gen.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0.0))
+    results.append([[c.token_ids, c.logprobs] for c in outs])
+engine = gen.llm.llm_engine  # model_executor exists only when the engine runs in this process
+par = engine.vllm_config.parallel_config
+info = dict(results=results, rng_kept=rng_kept, executor=par.distributed_executor_backend,
+            dp=par.data_parallel_size, local_rank=engine.model_executor.driver_worker.worker.local_rank)
+json.dump(info, open(f"{out}/rank{rank}.json", "w"))
+dist.barrier()
+"""
+
+
+def test_one_engine_per_rank_generates_that_ranks_prompts(engines, model_dir, tiny_tokenizer, tmp_path):
+    """Two torchrun ranks, each with its own engine in its own process, generate different numbers
+    of prompts in a different number of calls (independent engines: DP-synchronised ones would
+    wait on each other); greedy tokens equal one process's, log-probs within float tolerance."""
+    gen, _, _ = engines
+    p = _prompts(tiny_tokenizer, 8)
+    jobs = [[[p[0:3], 12]], [[p[3:4], 20], [p[4:8], 6]]]  # rank 0: 1 call; rank 1: 2 calls
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(model_dir), str(tmp_path), json.dumps(jobs)]
+    res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (got["executor"], got["dp"], got["local_rank"], got["rng_kept"]) == ("external_launcher", 1, rank, True)
+        assert len(got["results"]) == len(jobs[rank])
+        for (prompts, n), outs in zip(jobs[rank], got["results"]):
+            ref = gen.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0.0))
+            assert [t for t, _ in outs] == [c.token_ids for c in ref] and all(len(t) == n for t, _ in outs)
+            for (_, lp), c in zip(outs, ref):
+                assert torch.allclose(torch.tensor(lp), torch.tensor(c.logprobs), atol=TOL)
+
+
+def test_train_on_two_ranks_with_the_vllm_backend(model_dir, tmp_path):
+    """``searchrl train --nproc 2 model.backend=vllm``: an engine per rank, the weight sync into
+    each, evaluation on rank 0's engine alone (the other rank waits at the next collective)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "searchrl.cli", "train", "--nproc", "2", f"out={out}", f"model.name={model_dir}",
+           "model.backend=vllm", "model.vllm_max_model_len=1024", "model.amp=off", "steps=2",
+           "prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4", "micro_batch_size=2",
+           "data.world_entities=60", "data.eval_limit=2", "eval_before=false", "report=false",
+           "warmstart.steps=0", "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=16",
+           "rollout.min_turn_tokens=8", "eval_rollout.max_turns=1", "eval_rollout.max_new_tokens_per_turn=16"]
+    res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = res.stdout + res.stderr
+    for rank in (0, 1):  # an engine per rank, in the rank's own process
+        assert f"an engine in this process (rank {rank} of 2, external_launcher)" in logs, logs[-3000:]
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert len(steps) == 2 and all(0.0 <= s["logprob_drift"] < 1e-4 for s in steps), steps
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"]) == (2, 2) and "eval_after" in summary

@@ -37,6 +37,15 @@ def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch, tiny_lm):
         bundle.generator(ModelConfig(backend="vllm"))
 
 
+def test_tensor_parallel_engines_are_refused_under_several_processes():
+    from searchrl.training.distributed import Dist
+    from searchrl.training.models import build_models
+
+    cfg = ModelConfig(backend="vllm", vllm_tensor_parallel_size=2, name="/nonexistent")
+    with pytest.raises(ConfigError, match="vllm_tensor_parallel_size=2 with 2 training processes"):
+        build_models(cfg, need_reference=False, need_critic=False, dist=Dist(rank=0, world=2))  # before any load
+
+
 def test_weight_sync_sends_the_policys_parameters(tiny_lm):
     from searchrl.rollout.engine.vllm_backend import weight_chunks
     from searchrl.training.models import ModelBundle

@@ -145,7 +145,8 @@ def generation_copy(model: torch.nn.Module, amp: torch.dtype | None) -> torch.nn
 
 def vllm_generator(cfg: ModelConfig, amp: torch.dtype | None) -> Any:
     """A vLLM engine over ``cfg.name`` with the ``model.vllm_*`` settings, computing in bf16 when
-    the policy's generation would (``amp``), else in ``cfg.dtype``."""
+    the policy's generation would (``amp``), else in ``cfg.dtype``. Under torchrun each rank gets
+    its own engine in its own process and device (``vllm_backend.parallel_kwargs``)."""
     from searchrl.rollout.engine.factory import make_generator
 
     kwargs: dict[str, Any] = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -215,6 +216,10 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
     sharded with FSDP2 after an unsharded generation copy of the policy is taken.
     """
     dist = dist or Dist()
+    if cfg.backend == "vllm":  # refused before anything is loaded: one vLLM engine per rank
+        from searchrl.rollout.engine.vllm_backend import parallel_kwargs
+
+        parallel_kwargs({"tensor_parallel_size": cfg.vllm_tensor_parallel_size}, dist.world)
     device = resolve_device(cfg.device)
     if model is None:
         model, tokenizer = load_model(cfg.name, dtype=cfg.dtype, device=str(device))

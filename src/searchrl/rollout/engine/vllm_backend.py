@@ -35,16 +35,32 @@ ends) puts an engine that generated since it last woke to sleep (level 1: weight
 KV cache freed), so the optimizer step has that memory; the next ``generate`` / ``stream`` /
 ``load_weights`` wakes it. Without sleep, :meth:`reset_cache` resets the prefix cache.
 
+**Several training processes** (torchrun, ``searchrl train --nproc N``): each rank builds its own
+engine, which generates that rank's prompts only (:func:`parallel_kwargs`). The engine runs with
+vLLM's ``external_launcher`` executor: its one worker lives in the rank's own process, on GPU
+``LOCAL_RANK``, and vLLM's groups are made inside the process group the trainer already joined.
+vLLM's own data parallelism stays at 1: its data-parallel engines meet at every engine step (an
+all-reduce of the batch sizes, and of "work left" between steps), so ranks calling ``generate`` a
+different number of times (more turns on one rank; evaluation on rank 0 alone) would wait on each
+other forever; with size 1 every engine is independent, as in vLLM's "external data parallel"
+layout. A tensor-parallel engine would need the same prompts on all its ranks, so
+``tensor_parallel_size > 1`` is refused under several processes. Building an in-process engine
+reseeds Python's, NumPy's and torch's global generators (vLLM's worker does); they are restored.
+
 vLLM is imported inside the class only (an optional dependency: ``pip install vllm``). Left
 out: async engines, multi-node placement, LoRA adapters (merge them first), weight sync through
-NCCL (weights are pickled to each worker through ``collective_rpc``).
+NCCL (weights are pickled to each worker through ``collective_rpc``), tensor-parallel engines
+under several training processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import random
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -155,6 +171,14 @@ def _on_cpu(vllm: Any) -> bool:
         return not torch.cuda.is_available()
 
 
+def _check_torchrun_env() -> None:
+    """vLLM's external launcher reads the rank and the rendezvous from torchrun's variables."""
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise SearchRLError(f"a vLLM engine per rank needs torchrun's environment ({', '.join(missing)} "
+                            "unset): start the job with torchrun or searchrl train --nproc N")
+
+
 def engine_defaults(engine_kwargs: dict[str, Any], on_cpu: bool) -> dict[str, Any]:
     """``engine_kwargs`` with searchrl's defaults filled in (see the module docstring): tempered
     log-probs; on CPU no chunked prefill (vLLM then makes a step's token budget at least
@@ -172,6 +196,72 @@ def engine_defaults(engine_kwargs: dict[str, Any], on_cpu: bool) -> dict[str, An
         kw.setdefault("enable_chunked_prefill", False)
         kw.setdefault("enforce_eager", True)
     return kw
+
+
+def torch_world() -> int:
+    """Size of the torch.distributed group this process has joined (1 when it has joined none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def parallel_kwargs(engine_kwargs: dict[str, Any], world: int) -> dict[str, Any]:
+    """``engine_kwargs`` for one independent engine per process of a ``world``-process job (see
+    the module docstring); unchanged for a single process. Several processes with a tensor,
+    pipeline or data parallel size above 1: :class:`~searchrl.errors.ConfigError`.
+
+    >>> kw = parallel_kwargs({"dtype": "float32"}, world=2)
+    >>> kw["distributed_executor_backend"], kw["data_parallel_size"], kw["tensor_parallel_size"]
+    ('external_launcher', 1, 1)
+    >>> parallel_kwargs({"tensor_parallel_size": 2}, world=1)
+    {'tensor_parallel_size': 2}
+    >>> try:
+    ...     parallel_kwargs({"tensor_parallel_size": 2}, world=2)
+    ... except ConfigError as e:
+    ...     print(str(e)[:62])
+    model.vllm_tensor_parallel_size=2 with 2 training processes: a
+    """
+    kw = dict(engine_kwargs)
+    if world <= 1:
+        return kw
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if int(kw.get(key) or 1) > 1:
+            name = "model.vllm_tensor_parallel_size" if key == "tensor_parallel_size" else f"vLLM's {key}"
+            raise ConfigError(
+                f"{name}={kw[key]} with {world} training processes: a vLLM engine spanning several "
+                "ranks would need the same prompts on all of them, but each rank rolls out its own "
+                f"share; set {name}=1 (one engine per rank, one GPU each) or train in one process"
+            )
+        kw[key] = 1
+    kw.setdefault("distributed_executor_backend", "external_launcher")
+    return kw
+
+
+@contextlib.contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's (CPU and current GPU) global random states are restored on exit."""
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    gpus = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=gpus):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
+
+
+@contextlib.contextmanager
+def _hidden_from_vllm_scan(names: tuple[str, ...] = ("llvmlite.binding.ffi",)) -> Iterator[None]:
+    """Modules out of ``sys.modules`` while an engine is built. vLLM's CPU platform, starting a
+    worker, scans every loaded module's attributes and fails on llvmlite's ``ffi.lib`` (its
+    ``__getattr__`` answers for ``__dict__``: ``AttributeError: '_lib_fn_wrapper' object has no
+    attribute 'get'``); numba, which bm25s imports when installed, loads it. Only an in-process
+    worker (several training processes) meets a trainer's modules."""
+    hidden = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
 
 
 class VLLMGenerator:
@@ -202,11 +292,17 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         self.model_path = resolve_model_path(model_path)
         self._vllm = vllm
-        kwargs = engine_defaults(engine_kwargs, on_cpu)
+        world = torch_world()
+        kwargs = parallel_kwargs(engine_defaults(engine_kwargs, on_cpu), world)
+        if world > 1 and kwargs["distributed_executor_backend"] == "external_launcher":
+            _check_torchrun_env()
+            log.info("vLLM: an engine in this process (rank %s of %d, external_launcher)",
+                     os.environ["RANK"], world)
         if sleep:
             kwargs["enable_sleep_mode"] = True
         self.sleep, self._asleep, self._used = sleep, False, False
-        self.llm = vllm.LLM(model=self.model_path, **kwargs)
+        with global_rng_kept(), _hidden_from_vllm_scan():  # an in-process worker reseeds the RNGs
+            self.llm = vllm.LLM(model=self.model_path, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_token_ids = eos_token_ids(self.tokenizer)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
