@@ -39,6 +39,13 @@ def unauthorized() -> JSONResponse:
 _ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object"}}, "required": ["error"]}
 
 
+# Characters a query may not consist of only: JSON Schema's (ECMAScript's) whitespace, so that the
+# published pattern and the server's check agree (Python's str.isspace differs: it counts the
+# separators \x1c-\x1f and \x85 as blank, and not \ufeff).
+BLANK = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK = f"[^{BLANK}]"
+
+
 def request_schema(max_topk: int, max_queries: int) -> dict:
     """The JSON schema of a ``/retrieve`` body (published in the server's OpenAPI document)."""
     return {
@@ -47,7 +54,7 @@ def request_schema(max_topk: int, max_queries: int) -> dict:
         "required": ["queries"],
         "properties": {
             "queries": {"type": "array", "maxItems": max_queries,
-                        "items": {"type": "string", "pattern": "\\S"}},
+                        "items": {"type": "string", "pattern": NOT_BLANK}},
             "topk": {"type": "integer", "minimum": 1, "maximum": max_topk, "default": DEFAULT_TOPK},
             "return_scores": {"type": "boolean", "default": DEFAULT_RETURN_SCORES},
         },

@@ -39,6 +39,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -57,6 +58,7 @@ from searchrl.retrieval.access import (
     API_KEY_ENV,
     DEFAULT_RETURN_SCORES,
     DEFAULT_TOPK,
+    NOT_BLANK,
     authorized,
     bind_policy,
     retrieve_openapi,
@@ -68,6 +70,7 @@ from searchrl.types import Passage
 logger = logging.getLogger(__name__)
 
 ALLOWED_FIELDS = ("queries", "topk", "return_scores")
+_NOT_BLANK = re.compile(NOT_BLANK)  # the same rule as the published schema's pattern
 __all__ = ["BackgroundServer", "Batcher", "create_app", "parse_request", "serve", "bind_policy", "API_KEY_ENV"]
 
 
@@ -130,7 +133,7 @@ def parse_request(body: bytes, *, max_topk: int, max_queries: int) -> RetrieveRe
         if not isinstance(q, str):
             msg = f"queries[{i}] must be a string, got {_type_name(q)}"
             raise RequestError(422, msg, "queries")
-        if not q.strip():
+        if not _NOT_BLANK.search(q):
             raise RequestError(422, f"queries[{i}] is empty or whitespace", "queries")
     topk = data.get("topk", DEFAULT_TOPK)
     if isinstance(topk, float) and topk.is_integer():  # JSON Schema's integer includes 3.0
