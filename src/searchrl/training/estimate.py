@@ -9,8 +9,9 @@ weights). The estimate per rank, for ``world`` ranks under FSDP2 (``parallel.str
   bytes (LoRA: the base weights in ``model.dtype`` on every rank, adapters negligible);
 - reference (KL > 0, full fine-tune): fp32 weights, sharded, ``4 P / world``;
 - critic (PPO): like the policy;
-- generation: HF engine: an unsharded copy (``model.dtype``) plus a bf16 copy under amp; vLLM:
-  bf16 weights over its tensor-parallel size;
+- generation: HF engine: a bf16 copy under amp (under FSDP the unsharded copy is that copy),
+  else under FSDP an unsharded copy in ``model.dtype``; vLLM: bf16 weights over its
+  tensor-parallel size;
 - KV cache for the rank's concurrent rollouts: ``rows x context x 2 x layers x kv_heads x
   head_dim x 2`` bytes (bf16);
 - activations of one micro-batch: with gradient checkpointing, each layer's input kept
@@ -81,7 +82,8 @@ def estimate(cfg: TrainConfig, world: int, config: Any, params: int) -> dict[str
     if getattr(m, "backend", "hf") == "vllm":
         out["generation (vLLM bf16 weights)"] = 2 * P / max(getattr(m, "vllm_tensor_parallel_size", 1), 1)
     else:
-        gen = (P * wbytes if sharded else 0.0) + (2 * P if amp and m.amp_copy else 0.0)
+        half_copy = amp and m.amp_copy  # generation on a bf16 copy (under FSDP: the unsharded copy itself)
+        gen = 2 * P if half_copy else (P * wbytes if sharded else 0.0)
         out["generation (HF copies)"] = gen
     H, L = config.hidden_size, config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
