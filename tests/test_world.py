@@ -224,6 +224,28 @@ def test_default_world_cached_and_reused(tmp_path, monkeypatch):
         ensure_default_world(seed=-1, n_entities=80)
 
 
+def test_a_complete_world_made_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two ranks generating the same world at once: the one finishing second must not delete the
+    winner's complete copy (the winner may be reading it: 'corpus.jsonl: no such file')."""
+    from searchrl.data import world as world_mod
+
+    monkeypatch.setenv("SEARCHRL_CACHE", str(tmp_path / "cache"))
+    folder = default_world_dir(3, 80)
+    real_write = world_mod.write_world
+    made = {}
+
+    def write_while_another_process_wins(w, out):
+        real_write(w, out)
+        if not made:  # the other process: its copy lands while ours is still in the temp folder
+            real_write(w, folder)
+            made["inode"] = os.stat(folder / "corpus.jsonl").st_ino
+
+    monkeypatch.setattr(world_mod, "write_world", write_while_another_process_wins)
+    assert ensure_default_world(seed=3, n_entities=80) == folder
+    assert os.stat(folder / "corpus.jsonl").st_ino == made["inode"]  # the winner's files, untouched
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # our temp folder is gone
+
+
 def test_bad_options_raise_config_error():
     bad = ({"n_entities": 10}, {"seed": -3}, {"test_fraction": 2.0}, {"hop_weights": (0, 0)},
            {"colour": "red"})  # fmt: skip

@@ -259,6 +259,8 @@ def ensure_default_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENT
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a plain folder
         write_world(generate_world(seed, n_entities, **options), tmp)
+        if _is_complete(folder, seed, n_entities):  # another process finished first (and may be
+            return folder  # reading it already: never replace a complete copy)
         if folder.exists():  # stale (older version) or partial: replace it
             shutil.rmtree(folder, ignore_errors=True)
         try:

@@ -26,7 +26,7 @@ import torch
 from searchrl.models import amp_context, amp_dtype, load_model, resolve_device
 from searchrl.training.config import ModelConfig
 from searchrl.training.critic import ValueModel, make_critic
-from searchrl.training.distributed import Dist, full_parameters, shard
+from searchrl.training.distributed import Dist, full_parameters, is_sharded, shard
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class ModelBundle:
 
     def export_state(self) -> dict[str, torch.Tensor] | None:
         """FSDP: the policy's full parameters in their training precision, on the CPU of rank 0
-        (``{}`` on the others; a collective: every rank calls it). ``None`` without FSDP (the
-        policy itself is exported)."""
-        if self.gen_model is None:
+        (``{}`` on the others; a collective: every rank calls it). ``None`` when the policy is not
+        sharded (it is exported as it is)."""
+        if not is_sharded(self.policy):
             return None
         state: dict[str, torch.Tensor] = {}
         for name, full in full_parameters(self.policy):  # every rank takes part in each gather
@@ -245,7 +245,8 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
              compute)
     gen_model = None
     if dist.enabled and (parallel is None or parallel.strategy == "fsdp"):
-        gen_model = generation_copy(model, amp if cfg.amp_copy else None)
+        if cfg.backend == "hf":  # (a vLLM engine holds its own copy)
+            gen_model = generation_copy(model, amp if cfg.amp_copy else None)
         offload = bool(parallel and parallel.cpu_offload)
         for m in (model, reference, critic):
             if m is not None:

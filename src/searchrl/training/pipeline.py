@@ -195,9 +195,14 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
     """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``.
 
     Under FSDP ``state`` holds the policy's full parameters (:meth:`ModelBundle.export_state`),
-    saved in the architecture of the unsharded generation copy (whose own weights may be bf16)."""
-    policy = models.gen_model if models.gen_model is not None else models.policy
-    if models.uses_lora:
+    saved through an empty (meta-device) instance of the policy's architecture."""
+    policy = models.policy
+    if state is not None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            policy = AutoModelForCausalLM.from_config(models.policy.config)
+    elif models.uses_lora:
         policy = policy.merge_and_unload()
     tmp = path.with_name(path.name + ".tmp")
     policy.save_pretrained(tmp, state_dict=state)
