@@ -11,8 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Property-based tests: CI (HYPOTHESIS_PROFILE=ci, set by .ci/run) explores the same examples on
+# every run, so a red CI means a change broke something, not that a new example was drawn; local
+# runs draw new examples each time and replay what failed (.hypothesis/).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def shared_data_dir() -> Path | None:

@@ -265,6 +265,18 @@ def test_index_damaged_files(bm25_index, data):
     _load_index_or_error(d)
 
 
+@pytest.mark.parametrize("payload", [b"5", b"[]", b"null", b'"x"', b"{}"])
+def test_index_json_files_holding_the_wrong_json_type(bm25_index, payload):
+    """Hypothesis found a BM25 params file holding a bare number: an AttributeError from bm25s's
+    loader (and ours) instead of IndexFormatError. Every JSON file of the index, every wrong type."""
+    names = sorted(p.relative_to(bm25_index) for p in bm25_index.rglob("*.json") if p.name != "manifest.json")
+    assert names  # bm25s's params / vocab files and ours
+    for name in names:
+        d = _copy_index(bm25_index)
+        (d / name).write_bytes(payload)
+        _load_index_or_error(d)
+
+
 @FUZZ
 @given(key=st.sampled_from(["kind", "num_passages", "bm25", "passages", "format_version", "corpus"]),
        value=json_value)

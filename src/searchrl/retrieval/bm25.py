@@ -165,9 +165,12 @@ class BM25Retriever:
                 raise IndexFormatError(f"missing BM25 file {directory / name}")
         try:
             params = json.loads((directory / PARAMS_FILE).read_text())
+            if not isinstance(params, dict):
+                raise ValueError(f"{PARAMS_FILE} holds {type(params).__name__}, not an object")
             model = bm25s.BM25.load(str(directory), mmap=mmap, load_corpus=False, show_progress=False)
             _check_arrays(model, scan=not mmap)
-        except (ValueError, OSError, EOFError, KeyError, TypeError) as e:
+        except (ValueError, OSError, EOFError, KeyError, TypeError, AttributeError) as e:
+            # (AttributeError: bm25s reading a JSON file that holds a number or a list, not an object)
             raise IndexFormatError(f"{directory}: corrupt BM25 index ({e})") from e
         if int(model.scores["num_docs"]) != len(passages):
             raise IndexFormatError(
