@@ -26,6 +26,8 @@ machines this runs on are often shared). Three parts, runnable separately:
         the HTTP path's parts, run in-process (search, server JSON encoding, client parsing).
         ``--threads N`` sets torch/OpenMP threads here and in the server (dense encoders on a
         busy machine can be far faster with 1 than with the default of one per core).
+        ``--url URL`` loads a running server instead, ``--original FILE`` starts the original
+        Search-R1 server file over the same index (see benchmarks/original_server.py).
     python benchmarks/retrieval.py build [--passages 100k,1M] [--kinds bm25] [--dense-passages 5000]
         Generates a synthetic world of about each size into the work folder, then times
         ``build_index`` in a fresh child process and reports its seconds, peak RSS and index size.
@@ -55,9 +57,10 @@ import time
 from pathlib import Path
 
 from _common import (
-    ServerProcess, _ms, cpu_seconds, emit, int_list, log, peak_rss_mb, percentile, run_load,
+    _ms, cpu_seconds, emit, int_list, log, peak_rss_mb, percentile, run_load,
     shared_data_dir, str_list,
 )  # fmt: skip
+from original_server import compare_results, http_target
 from retrieval_scale import PARTS as SCALE_PARTS
 from retrieval_scale import PROBES as SCALE_PROBES
 from retrieval_scale import add_parsers as add_scale_parsers
@@ -236,7 +239,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     queries = load_queries(index, Path(args.data) if args.data else None, path=args.queries)
     results: dict[tuple[str, int, int], dict] = {}
 
-    def sweep(mode: str, call, extra=lambda: {}) -> None:
+    def sweep(mode: str, call, extra=lambda: {}, server: str | None = None) -> None:
         for batch in args.batches:
             for clients in args.clients:
                 warm = min(1.0, args.duration)
@@ -246,7 +249,9 @@ def cmd_throughput(args: argparse.Namespace) -> int:
                 stats = run_load(call, queries, batch, clients, args.duration, args.max_queries)
                 after = extra()
                 cpu = stats["bench_cpu_s"]
-                if before and after:
+                if server:
+                    stats["server"] = server
+                if before and after and before["cpu"] is not None and after["cpu"] is not None:
                     stats["server_cpu_s"] = round(after["cpu"] - before["cpu"], 2)
                     cpu += stats["server_cpu_s"]
                 stats["cpu_ms_per_query"] = round(1000 * cpu / max(stats["queries"], 1), 3)
@@ -261,17 +266,17 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         del retriever
     if "http" in args.modes:
         args.work.mkdir(parents=True, exist_ok=True)
-        server = ServerProcess(index, args.work / f"serve-{kind}.log")
-        clients = [
-            HttpRetriever(server.url, timeout=args.timeout, retries=0) for _ in range(max(args.clients))
-        ]
-        try:
-            call = lambda cid, qs: clients[cid].search(qs, args.k)  # noqa: E731
-            sweep("http", call, lambda: {"cpu": server.cpu_seconds()})
-        finally:
-            for c in clients:
-                c.close()
-            server.stop()
+        with http_target(args, index, args.work) as (url, server_cpu, label):
+            if label != "searchrl" and args.compare:
+                emit({"bench": "retrieval_same_results", "server": label, "url": url, "kind": kind,
+                      **compare_results(url, index, queries[: args.compare], args.k)})  # fmt: skip
+            clients = [HttpRetriever(url, timeout=args.timeout, retries=0) for _ in range(max(args.clients))]
+            try:
+                call = lambda cid, qs: clients[cid].search(qs, args.k)  # noqa: E731
+                sweep("http", call, lambda: {"cpu": server_cpu()}, label)
+            finally:
+                for c in clients:
+                    c.close()
     report_targets(results, kind)
     return 0
 
@@ -447,6 +452,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout (s), counted as an error")
     t.add_argument("--threads", type=int, help="torch/OpenMP threads in-process and in the server")
     t.add_argument("--breakdown", action="store_true", help="time the HTTP path's parts in-process")
+    t.add_argument("--url", help="load this running /retrieve server instead of starting searchrl serve")
+    t.add_argument("--server-pid", type=int, help="with --url: the server's pid, to count its CPU time")
+    t.add_argument("--original", help="start this Search-R1 retrieval_server.py (device set to CPU) "
+                   "over --index's FAISS file and load it (see benchmarks/original_server.py)")
+    t.add_argument("--original-python", default=sys.executable, help="python that runs --original")
+    t.add_argument("--original-name", default="minilm", help="--retriever_name given to --original")
+    t.add_argument("--corpus", help="corpus file for --original (default: the index's recorded corpus)")
+    t.add_argument("--compare", type=int, default=16, help="queries whose top-k ids are compared first")
     b = sub.add_parser("build", help="index build time and memory on the synthetic world")
     b.add_argument("--passages", type=int_list, default=[100_000, 1_000_000])
     b.add_argument("--kinds", type=str_list, default=["bm25"])
