@@ -133,7 +133,7 @@ class ModelBundle:
 def generation_copy(model: torch.nn.Module, amp: torch.dtype | None) -> torch.nn.Module:
     """FSDP: the unsharded local copy of the policy that generates, frozen; its float parameters
     in ``amp`` when given (the HF engine would otherwise keep this copy in fp32 *and* a bf16 copy of
-    it: the copy in ``amp`` is all generation needs, at a quarter of the two). Buffers (rotary
+    it: the copy in ``amp`` is all generation needs, a third of the two). Buffers (rotary
     frequencies) keep their dtype. Exports are taken from the policy's shards, not from it."""
     gen = copy.deepcopy(model).eval()
     for p in gen.parameters():
@@ -213,7 +213,7 @@ def build_models(cfg: ModelConfig, need_reference: bool, need_critic: bool,
     """Load (or take) the policy and build what the algorithm needs around it.
 
     With several processes and ``parallel.strategy == "fsdp"`` the policy, reference and critic are
-    sharded with FSDP2 after an unsharded generation copy of the policy is taken.
+    sharded with FSDP2 after an unsharded generation copy of the policy is taken (HF engine).
     """
     dist = dist or Dist()
     if cfg.backend == "vllm":  # refused before anything is loaded: one vLLM engine per rank
