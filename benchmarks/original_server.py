@@ -76,8 +76,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-class OriginalServer:
-    """The original's ``retrieval_server.py`` (device-patched copy) in a child process."""
+class OriginalServer(ServerProcess):
+    """The original's ``retrieval_server.py`` (device-patched copy) in a child process (started and
+    waited for here; CPU time and stopping as :class:`ServerProcess`)."""
 
     def __init__(self, server_file: Path, python: str, index: Path, corpus: Path, name: str,
                  log_path: Path, startup_s: float = 600.0):  # fmt: skip
@@ -125,18 +126,8 @@ class OriginalServer:
         self.stop()
         raise SystemExit(f"the original server did not answer within {startup_s:.0f} s; see {log_path}")
 
-    def cpu_seconds(self) -> float | None:
-        return proc_cpu_seconds(self.proc.pid)
-
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        super().stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -17,16 +19,12 @@ from searchrl.retrieval.faiss_index import (
 from searchrl.retrieval.index import build_index, load_index, read_manifest
 from searchrl.types import Passage
 
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' own helpers (--import-mode=importlib)
+from test_index import TOPICS as INDEX_TOPICS  # noqa: E402
 
-TOPICS = [
-    ("Honeybees", "Honeybees collect nectar from flowers and turn it into honey in the hive."),
-    ("Glaciers", "Glaciers are slow rivers of ice that carve valleys into mountains."),
-    ("Volcanoes", "A volcano is a rupture in the crust of a planet where lava escapes."),
-    ("Violin", "The violin is a wooden string instrument played with a bow."),
-    ("Chess", "Chess is a board game for two players on a checkered board of 64 squares."),
-    ("Coffee", "Coffee is brewed from roasted beans of the Coffea plant."),
-    ("Tides", "Tides are the rise and fall of sea levels caused by the Moon's gravity."),
-]
+
+# the first six of test_index's topics, then one of our own
+TOPICS = [*INDEX_TOPICS[:6], ("Tides", "Tides are the rise and fall of sea levels caused by the Moon's gravity.")]
 PASSAGES = [Passage(f"p{i}", t, x) for i, (t, x) in enumerate(TOPICS)] + [
     Passage(f"q{i}", f"Filler {i}", f"Unrelated filler passage number {i} about nothing much.") for i in range(13)
 ]
