@@ -228,7 +228,8 @@ class Trainer:
         self.models.policy.train()
         sums: dict[str, float] = {}
         n_updates = skipped = 0
-        drift = [0.0, 0.0]  # sum of |sampler - trainer| log-prob, sampled tokens
+        # on-policy (no old log-probs): the first epoch's own log-probs, for the drift
+        seen = torch.zeros_like(prep.mask) if prep.old_logprobs is None else None
         for epoch in range(self.cfg.ppo_epochs):
             for mini in self._plan(trajs, epoch):
                 rows = [i for micro in mini for i in micro]
@@ -237,7 +238,7 @@ class Trainer:
                 # computing with the weights from before it.
                 with self.models.autocast():
                     stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
-                                             drift if epoch == 0 else None)
+                                             seen if epoch == 0 else None)
                 if self.dist.enabled and not self.sharded:  # replicate: sum the gradients over ranks
                     all_reduce_grads(self._all_trainable(), self.dist)
                 norms, bad = self._optimizer_step()
@@ -253,10 +254,7 @@ class Trainer:
             self.sync_weights(self.models.policy)
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         out["skipped_updates"] = float(skipped)
-        if prep.old_logprobs is None:
-            out["logprob_drift"] = drift[0] / max(drift[1], 1.0)
-        else:
-            out["logprob_drift"] = self._drift(prep.old_logprobs, prep)
+        out["logprob_drift"] = self._drift(prep.old_logprobs if seen is None else seen, prep)
         return out
 
     def _all_trainable(self) -> list[torch.nn.Parameter]:
@@ -274,8 +272,9 @@ class Trainer:
         return masked_mean((prep.sampler_logprobs[:, :r] - trainer_logprobs).abs(), m).item()
 
     def _accumulate(self, trajs, prep: Prepared, mini: list[list[int]], norm: float,
-                    drift: list[float] | None = None) -> dict[str, float]:
-        """Forward/backward over the micro-batches of one mini-batch; returns mini-batch metrics."""
+                    seen: torch.Tensor | None = None) -> dict[str, float]:
+        """Forward/backward over the micro-batches of one mini-batch; returns mini-batch metrics.
+        On-policy, the trainer's log-probs of these rows are also written into ``seen``."""
         a = self.cfg.algo
         dev = self.models.device
         total = max(float(prep.mask[[i for micro in mini for i in micro]].sum()), 1.0)
@@ -288,11 +287,8 @@ class Trainer:
             logp, ent = self._logprobs(self.models.policy, b, with_entropy=True, entropy_grad=a.entropy_coef > 0)
             if prep.old_logprobs is None:
                 old = logp.detach()
-                if drift is not None and prep.sampler_logprobs is not None:
-                    sm = prep.sampled_mask[rows, :r].to(dev).bool()
-                    diff = (prep.sampler_logprobs[rows, :r].to(dev) - old).abs()
-                    drift[0] += float(torch.where(sm, diff, torch.zeros_like(diff)).sum())
-                    drift[1] += float(sm.sum())
+                if seen is not None:
+                    seen[rows, :r] = old.float().cpu()
             else:
                 old = prep.old_logprobs[rows, :r].to(dev)
             pl, pm = policy_loss(logp, old, prep.advantages[rows, :r].to(dev), m,
