@@ -79,8 +79,8 @@ def estimate(cfg: TrainConfig, world: int, config: Any, params: int) -> dict[str
     if cfg.algo.needs_critic:
         out["critic (fp32 weights, grads, AdamW)"] = 16 * P / div
     amp = m.amp in ("bf16", "auto") and m.dtype == "float32"
-    if getattr(m, "backend", "hf") == "vllm":
-        out["generation (vLLM bf16 weights)"] = 2 * P / max(getattr(m, "vllm_tensor_parallel_size", 1), 1)
+    if m.backend == "vllm":
+        out["generation (vLLM bf16 weights)"] = 2 * P / m.vllm_tensor_parallel_size
     else:
         half_copy = amp and m.amp_copy  # generation on a bf16 copy (under FSDP: the unsharded copy itself)
         gen = 2 * P if half_copy else (P * wbytes if sharded else 0.0)
