@@ -391,6 +391,21 @@ def index_fingerprint(directory: str | Path, **search_settings: Any) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _of_kind(m: dict[str, Any], sparse: Any, dense: Any, fusion: str | None, alpha: float | None) -> Any:
+    """The manifest's kind of retriever over the loaded parts (hybrid: fused as recorded unless set)."""
+    if m["kind"] == "bm25":
+        return sparse
+    if m["kind"] == "dense":
+        return dense
+    from searchrl.retrieval.hybrid import HybridRetriever
+
+    h = m.get("hybrid", {})
+    return HybridRetriever(
+        sparse, dense, fusion=fusion or h.get("fusion", "rrf"), k_rrf=h.get("k_rrf", 60.0),
+        alpha=h.get("alpha", 0.5) if alpha is None else alpha, pool=h.get("pool"),
+    )
+
+
 def load_index(
     directory: str | Path,
     *,
@@ -436,18 +451,7 @@ def load_index(
             raise IndexFormatError(
                 f"{d / MANIFEST}: dense dim {want} but the FAISS index has dim {dense.index.d}"
             )
-    if m["kind"] == "bm25":
-        retriever: Any = sparse
-    elif m["kind"] == "dense":
-        retriever = dense
-    else:
-        from searchrl.retrieval.hybrid import HybridRetriever
-
-        h = m.get("hybrid", {})
-        retriever = HybridRetriever(
-            sparse, dense, fusion=fusion or h.get("fusion", "rrf"), k_rrf=h.get("k_rrf", 60.0),
-            alpha=h.get("alpha", 0.5) if alpha is None else alpha, pool=h.get("pool"),
-        )
+    retriever = _of_kind(m, sparse, dense, fusion, alpha)
     retriever.fingerprint = index_fingerprint(
         d, ef_search=ef_search, nprobe=nprobe, refine_factor=refine_factor, fusion=fusion, alpha=alpha
     )

@@ -89,6 +89,7 @@ from searchrl.rollout.engine.kv_cache import (
     reuse_unsupported,
     weights_fingerprint,
 )
+from searchrl.rollout.engine.checks import check_request
 from searchrl.rollout.engine.protocol import Completion, SamplingParams
 from searchrl.rollout.engine.sampling import sample_next
 
@@ -314,16 +315,5 @@ class HFGenerator:
 
     def check(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range)."""
-        if sampling.max_new_tokens < 0:
-            raise SearchRLError(f"max_new_tokens must be >= 0 (got {sampling.max_new_tokens})")
-        if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
-            raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise SearchRLError(f"prompt {i} is empty: generation needs at least one token")
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= self.vocab_size:
-                raise SearchRLError(
-                    f"prompt {i} has token id {hi if hi >= self.vocab_size else lo} outside the "
-                    f"model's vocabulary [0, {self.vocab_size})"
-                )
+        check_request(prompts, sampling, self.vocab_size)
+

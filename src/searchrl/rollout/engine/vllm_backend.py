@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from searchrl.errors import ConfigError, SearchRLError
+from searchrl.rollout.engine.checks import check_request
 from searchrl.rollout.engine.protocol import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -310,16 +311,7 @@ class VLLMGenerator:
     # ---- requests -----------------------------------------------------------------------------
     def check(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range)."""
-        if sampling.max_new_tokens < 0:
-            raise SearchRLError(f"max_new_tokens must be >= 0 (got {sampling.max_new_tokens})")
-        if not sampling.greedy and not 0.0 < sampling.top_p <= 1.0:
-            raise SearchRLError(f"top_p must be in (0, 1] (got {sampling.top_p})")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise SearchRLError(f"prompt {i} is empty: generation needs at least one token")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise SearchRLError(f"prompt {i} has a token id outside the model's vocabulary "
-                                    f"[0, {self.vocab_size})")  # fmt: skip
+        check_request(prompts, sampling, self.vocab_size)
 
     def request_params(
         self, sampling: SamplingParams, stop: list[str] | None, index: int, final_only: bool = False
