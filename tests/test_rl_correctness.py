@@ -112,7 +112,7 @@ def test_old_logprobs_equal_the_samplers_at_the_rollout_temperature(tiny_lm, tmp
 
     examples = [tr.train_examples[i] for i in range(2)]
     trajs = tr.rollout(examples, RolloutStats())
-    prep = tr.prepare(trajs, tr.score(trajs))
+    prep = tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0]))  # reward variance in each group: no inert row
     assert prep.old_logprobs is not None
     m = prep.sampled_mask.bool()
     assert m.sum() > 10
@@ -122,8 +122,10 @@ def test_old_logprobs_equal_the_samplers_at_the_rollout_temperature(tiny_lm, tmp
     assert Trainer._drift(prep.old_logprobs - 0.5 * m, prep) == pytest.approx(0.5, abs=1e-4)
 
 
-def test_step_logs_logprob_drift(tiny_lm, tmp_path):
+def test_step_logs_logprob_drift(tiny_lm, tmp_path, monkeypatch):
     tr = make_trainer(tiny_lm, tmp_path, "model.amp=off")
+    # rewards with variance in each group (the untrained model's are all 0: every row inert, no drift)
+    monkeypatch.setattr(tr, "score", lambda trajs: torch.tensor([1.0, 0.0] * (len(trajs) // 2)))
     m = tr.step()
     assert 0.0 <= m["logprob_drift"] < 1e-4  # fp32 sampler and trainer agree; on-policy path
     assert "skipped_updates" in m and m["skipped_updates"] == 0
@@ -310,3 +312,33 @@ def test_micro_batches_group_rows_of_similar_length_inside_a_random_mini_batch(t
             assert [length[i] for i in rows] == sorted(length[i] for i in rows)
     members = [[sorted(i for micro in mini for i in micro) for mini in plan] for plan in plans]
     assert members[0] != members[1] and members[0] != [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("epochs,mini", [(1, 8), (2, 4), (1, 2)])
+def test_rows_with_zero_advantage_are_skipped_with_the_same_update(tiny_lm, tmp_path, epochs, mini, monkeypatch):
+    """A GRPO group whose samples got the same reward has advantage 0 on every token: with no KL,
+    entropy bonus or critic its loss and gradient are exactly 0, so the update skips its forward and
+    backward passes, and the weights after the update are those of the update that runs them all
+    (mini-batches of inert rows only included: their optimizer step sees zero gradients)."""
+    model, tok = tiny_lm
+    overrides = [f"ppo_epochs={epochs}", f"mini_batch_size={mini}", "micro_batch_size=2", "prompts_per_step=4",
+                 "model.amp=off", "optim.lr=1e-3"]
+    trajs = make_trajs(tok, 8, 2)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # groups 1 and 2: no reward variance
+    weights, rows_run = [], []
+    for skip in (True, False):
+        tr = make_trainer((copy.deepcopy(model), tok), tmp_path / str(skip), *overrides)
+        if not skip:
+            monkeypatch.setattr(tr, "_inert_rows", lambda adv, mask: None)
+        seen = []
+        tr.models.policy.get_decoder().register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        prep = tr.prepare(trajs, rewards)
+        out = tr.update(trajs, prep)
+        assert out["inert_rows"] == (4.0 if skip else 0.0)
+        weights.append({n: p.detach().clone() for n, p in tr.models.policy.named_parameters()})
+        rows_run.append(sum(seen))
+    assert rows_run[0] < rows_run[1]
+    assert rows_run[0] == rows_run[1] // 2  # half the rows are inert, in every pass (old log-probs too)
+    for n, p in weights[1].items():
+        torch.testing.assert_close(weights[0][n], p, rtol=0, atol=1e-6)

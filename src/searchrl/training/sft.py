@@ -43,10 +43,13 @@ def _need(relation: str, entity: str) -> str:
     return _RELATION_WORDS.get(relation, "the " + relation.replace("_", " ") + " of {e}").format(e=entity)
 
 
-def demo_turns(example: QAExample) -> list[str] | None:
+DEMO_STYLES = ("plan", "stepwise")
+
+
+def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
     """The model's turns of a demonstration for ``example`` (None without a hop chain).
 
-    The first thought states the whole plan (what each hop looks up, and how many searches that
+    ``style="plan"``: the first thought states the whole plan (what each hop looks up, and how many searches that
     takes), so after each ``<information>`` block the choice between searching again and answering
     can be read off the model's own earlier words: a small model learns that far more easily than
     inferring the remaining hops from the question anew at every turn.
@@ -61,10 +64,24 @@ def demo_turns(example: QAExample) -> list[str] | None:
     <search> Cy Dee employer </search>
     <think> The passage says Acme. That was the last search, so the answer is Acme. </think>
     <answer> Acme </answer>
+
+    ``style="stepwise"``: no count up front; after each ``<information>`` block the thought says
+    whether the question is answered, and if not, what is still missing (the decision is taken
+    where the evidence is, one observation at a time):
+
+    >>> for turn in demo_turns(ex, "stepwise"): print(turn)
+    <think> I need to find who Ana Bel is married to. </think>
+    <search> Ana Bel married </search>
+    <think> The passage says Cy Dee. The question asks where Cy Dee works, so I search again. </think>
+    <search> Cy Dee employer </search>
+    <think> The passage says Acme, which answers the question. </think>
+    <answer> Acme </answer>
     """
     hops = example.extra.get("hops") if example.extra else None
     if not hops:
         return None
+    if style == "stepwise":
+        return _stepwise_turns(hops)
     n = len(hops)
     plan = ", then ".join(_need(h["relation"], hops[0]["entity"] if i == 0 else "the result")
                           for i, h in enumerate(hops))
@@ -77,6 +94,18 @@ def demo_turns(example: QAExample) -> list[str] | None:
     answer = hops[-1]["answer"]
     turns.append(f"<think> The passage says {answer}. That was the last search, so the answer is {answer}. "
                  f"</think>\n<answer> {answer} </answer>")
+    return turns
+
+
+def _stepwise_turns(hops: list[dict]) -> list[str]:
+    turns = [f"<think> I need to find {_need(hops[0]['relation'], hops[0]['entity'])}. </think>\n"
+             f"<search> {hops[0]['query']} </search>"]
+    for i in range(1, len(hops)):
+        turns.append(f"<think> The passage says {hops[i - 1]['answer']}. The question asks "
+                     f"{_need(hops[i]['relation'], hops[i]['entity'])}, so I search again. </think>\n"
+                     f"<search> {hops[i]['query']} </search>")
+    answer = hops[-1]["answer"]
+    turns.append(f"<think> The passage says {answer}, which answers the question. </think>\n<answer> {answer} </answer>")
     return turns
 
 
@@ -110,8 +139,9 @@ class ScriptedGenerator:
 
 
 def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cfg: RolloutConfig,
-                   limit: int, seed: int = 0, method: str = "search") -> list[Trajectory]:
-    """Up to ``limit`` scripted demonstration trajectories that end with the gold answer."""
+                   limit: int, seed: int = 0, method: str = "search", style: str = "plan") -> list[Trajectory]:
+    """Up to ``limit`` scripted demonstration trajectories that end with the gold answer
+    (``style``: the thoughts' wording, see :func:`demo_turns`)."""
     from searchrl.rollout.prompts import build_prompt
 
     pool = [e for e in examples if demo_turns(e)]
@@ -122,7 +152,7 @@ def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cf
         key = tuple(build_prompt(tokenizer, e.question, method))
         if key in scripts:
             continue
-        scripts[key] = demo_turns(e)  # type: ignore[assignment]
+        scripts[key] = demo_turns(e, style)  # type: ignore[assignment]
         chosen.append(e)
         if len(chosen) >= limit:
             break

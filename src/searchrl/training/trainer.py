@@ -77,6 +77,7 @@ class Prepared:
     rewards: torch.Tensor  # [N]
     sampler_logprobs: torch.Tensor | None = None  # what the generator reported, 0 on inserted tokens
     sampled_mask: torch.Tensor | None = None  # 1 on sampled tokens (the loss mask)
+    inert: torch.Tensor | None = None  # [N] bool: rows whose loss is exactly 0 (skipped, see _inert_rows)
 
 
 def _warmup_lambda(warmup: int) -> Callable[[int], float]:
@@ -166,6 +167,12 @@ class Trainer:
         return [micro_batches(sorted(mini, key=lengths.__getitem__), self.cfg.micro_batch_size)
                 for mini in micro_batches(order, self._local_mini_batch)]
 
+    def _live(self, mini: list[list[int]], inert: torch.Tensor | None) -> list[list[int]]:
+        """The micro-batches of mini-batch ``mini`` without its inert rows (regrouped, still by length)."""
+        if inert is None or not inert.any():
+            return mini
+        return micro_batches([i for micro in mini for i in micro if not inert[i]], self.cfg.micro_batch_size)
+
     @property
     def _local_mini_batch(self) -> int:
         """Rows of one mini-batch on this rank (``mini_batch_size`` counts every rank's rows)."""
@@ -194,7 +201,11 @@ class Trainer:
         on_policy = self.cfg.ppo_epochs == 1 and self._local_mini_batch >= N and not (ref is not None and a.kl_in_reward)
         old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
-        for rows in (rows for mini in self._plan(trajs, 0) for rows in mini):
+        adv = ret = inert = None
+        if ref is None and values is None:  # the advantages need no forward pass: first, to skip inert rows
+            adv, ret = self._advantages(mask, rewards, None, None, None)
+            inert = self._inert_rows(adv, mask)
+        for rows in (rows for mini in self._plan(trajs, 0) for rows in self._live(mini, inert)):
             b = collate([trajs[i] for i in rows], self.pad_id).to(self.models.device)
             r = b.response_ids.shape[1]
             if old is not None:
@@ -204,15 +215,37 @@ class Trainer:
                     ref[rows, :r] = self._logprobs(ref_model, b)[0].cpu()
             if values is not None:
                 values[rows, :r] = self.models.critic(b).float().cpu()
+        if adv is None:
+            adv, ret = self._advantages(mask, rewards, old, ref, values)
+        return Prepared(mask, old, ref, values, adv, ret, rewards, _sampler_logprobs(trajs, R), full.loss_mask,
+                        inert)
+
+    def _advantages(self, mask: torch.Tensor, rewards: torch.Tensor, old: torch.Tensor | None,
+                    ref: torch.Tensor | None, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages and returns ``[N, R]`` of the configured estimator (KL in the reward if set)."""
+        a = self.cfg.algo
         signal: dict[str, torch.Tensor] = {"rewards": rewards}  # placed on the last sampled token as needed
         if ref is not None and a.kl_in_reward:
             kl = kl_penalty(old, ref, a.kl_estimator)  # [N, R]
             signal = {"token_rewards": apply_kl_penalty(place_outcome_reward(rewards, mask), kl, a.kl_coef, mask)}
-        groups = [i // a.group_size for i in range(N)]  # rollouts come ordered by example, then sample
+        groups = [i // a.group_size for i in range(mask.shape[0])]  # rollouts come ordered by example, then sample
         reduce = self.dist.sum if self.dist.enabled else None  # batch statistics over every rank's rows
-        adv, ret = compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, config=a,
-                                      reduce=reduce, **signal)
-        return Prepared(mask, old, ref, values, adv, ret, rewards, _sampler_logprobs(trajs, R), full.loss_mask)
+        return compute_advantages(a.estimator, mask=mask, values=values, group_ids=groups, config=a,
+                                  reduce=reduce, **signal)
+
+    def _inert_rows(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """``[N]`` bool: rows whose loss and gradient are exactly zero, which the update skips (None:
+        no row can be skipped).
+
+        That is a row whose advantage is 0 on every loss token (a GRPO/RLOO group whose samples all
+        got the same reward) when the loss has no other term: no KL to a reference, no entropy bonus,
+        no critic (the caller checks the first and the last). The loss denominator still counts their
+        tokens, so the gradient is the one they would give; only their forward and backward passes
+        are saved. Not under FSDP, whose forward passes are collectives every rank must run alike.
+        """
+        if self.sharded or self.cfg.algo.entropy_coef > 0:
+            return None
+        return ((adv != 0) & mask.bool()).sum(dim=1) == 0
 
     def _normalizer(self, mask: torch.Tensor) -> float:
         """The loss denominator of a mini-batch: its tokens (or rows) on every rank together."""
@@ -227,34 +260,42 @@ class Trainer:
         self._rl_mode()
         self.models.policy.train()
         sums: dict[str, float] = {}
-        n_updates = skipped = 0
+        skipped = 0
         # on-policy (no old log-probs): the first epoch's own log-probs, for the drift
         seen = torch.zeros_like(prep.mask) if prep.old_logprobs is None else None
+        counts: dict[str, int] = {}
         for epoch in range(self.cfg.ppo_epochs):
             for mini in self._plan(trajs, epoch):
                 rows = [i for micro in mini for i in micro]
+                norm = self._normalizer(prep.mask[rows])  # over every row, inert ones included
+                live = self._live(mini, prep.inert)
                 # One autocast region per mini-batch: autocast caches its bf16 casts of the weights
                 # until the region ends, so a region spanning an optimizer step would keep
                 # computing with the weights from before it.
                 with self.models.autocast():
-                    stats = self._accumulate(trajs, prep, mini, self._normalizer(prep.mask[rows]),
-                                             seen if epoch == 0 else None)
+                    stats = self._accumulate(trajs, prep, live, norm, seen if epoch == 0 else None)
+                if not live:  # the same optimizer step as with the zero gradients they would give
+                    for p in self.models.trainable_parameters():
+                        p.grad = torch.zeros_like(p)
                 if self.dist.enabled and not self.sharded:  # replicate: sum the gradients over ranks
                     all_reduce_grads(self._all_trainable(), self.dist)
                 norms, bad = self._optimizer_step()
                 stats.update(norms)
                 skipped += self._check_finite(bad, stats)
-                for k, v in stats.items():
+                for k, v in stats.items():  # a mini-batch of inert rows only has no loss metrics
                     sums[k] = sums.get(k, 0.0) + v
-                n_updates += 1
+                    counts[k] = counts.get(k, 0) + 1
         self.scheduler.step()
         if self.critic_scheduler is not None:
             self.critic_scheduler.step()
         if self.sync_weights is not None:
             self.sync_weights(self.models.policy)
-        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        out = {k: v / counts[k] for k, v in sums.items()}
         out["skipped_updates"] = float(skipped)
-        out["logprob_drift"] = self._drift(prep.old_logprobs if seen is None else seen, prep)
+        inert = prep.inert if prep.inert is not None else torch.zeros(prep.mask.shape[0], dtype=torch.bool)
+        out["inert_rows"] = float(inert.sum())
+        # over the rows that have trainer log-probs (inert rows never ran a forward pass)
+        out["logprob_drift"] = self._drift(prep.old_logprobs if seen is None else seen, prep, rows=~inert)
         return out
 
     def _all_trainable(self) -> list[torch.nn.Parameter]:
@@ -262,13 +303,14 @@ class Trainer:
         return self.models.trainable_parameters() + critic
 
     @staticmethod
-    def _drift(trainer_logprobs: torch.Tensor, prep: Prepared) -> float:
+    def _drift(trainer_logprobs: torch.Tensor, prep: Prepared, rows: torch.Tensor | None = None) -> float:
         """Mean |sampler log-prob - trainer log-prob| over sampled tokens (how far generation and
-        training numerics disagree; large values mean the PPO ratio is off before any update)."""
-        if prep.sampler_logprobs is None or prep.sampled_mask is None:
+        training numerics disagree; large values mean the PPO ratio is off before any update),
+        over the rows where ``rows`` ``[N]`` is True (default: all)."""
+        if prep.sampler_logprobs is None or prep.sampled_mask is None or (rows is not None and not rows.any()):
             return float("nan")
         r = trainer_logprobs.shape[1]
-        m = prep.sampled_mask[:, :r]
+        m = prep.sampled_mask[:, :r] if rows is None else prep.sampled_mask[:, :r] * rows[:, None]
         return masked_mean((prep.sampler_logprobs[:, :r] - trainer_logprobs).abs(), m).item()
 
     def _accumulate(self, trajs, prep: Prepared, mini: list[list[int]], norm: float,
@@ -277,7 +319,7 @@ class Trainer:
         On-policy, the trainer's log-probs of these rows are also written into ``seen``."""
         a = self.cfg.algo
         dev = self.models.device
-        total = max(float(prep.mask[[i for micro in mini for i in micro]].sum()), 1.0)
+        total = max(float(prep.mask[[i for micro in mini for i in micro]].sum()), 1.0)  # metrics' weights
         out: dict[str, float] = {}
         for rows in mini:
             b = collate([trajs[i] for i in rows], self.pad_id).to(dev)
