@@ -6,7 +6,10 @@ Two workloads, each printed as one JSON line:
   on the default step's shape: 32 multi-turn search trajectories (8 questions x 4 samples) made
   by the scripted demonstrations of the synthetic world (real prompts, real ``<information>``
   blocks, real loss masks), GRPO with the default config. ``update_tokens_per_s`` counts sampled
-  (loss-mask) tokens over the time of ``prepare`` + ``update``, best of ``--repeats``.
+  (loss-mask) tokens over the time of ``prepare`` + ``update``, best of ``--repeats``. Rewards
+  vary inside every group unless ``--uniform-groups K``: then K of the 8 groups got the same
+  reward on all their samples, as many groups of a real step do (``inert_rows`` in a run's
+  metrics counts their rows); a trainer that skips such rows does less work there.
 - ``qwen0.5b``: a Qwen2.5-0.5B-shaped random model, fp32 weights, one update step over 2
   trajectories of ``--tokens`` tokens (micro-batch 2), a third of the response sampled tokens;
   ``peak_rss_mb`` is the process's peak resident memory minus its resident memory after the
@@ -50,7 +53,7 @@ def _trajectory(example, prompt, response, mask):
     return Trajectory(example, prompt, response, mask, [0.0] * len(response))
 
 
-def default_workload(repeats: int) -> dict:
+def default_workload(repeats: int, uniform_groups: int = 0) -> dict:
     import torch
 
     from searchrl.config import apply_overrides
@@ -67,7 +70,9 @@ def default_workload(repeats: int) -> dict:
     demos = demonstrations(train, models.tokenizer, retriever, cfg.rollout, limit=n, seed=0)
     trajs = [_trajectory(d.example, d.prompt_ids, d.response_ids, d.loss_mask) for d in demos[:n]]
     trainer = Trainer(cfg, models, retriever, train)
-    rewards = torch.tensor([float(i % 3 == 0) for i in range(len(trajs))])  # varied within groups
+    g = cfg.algo.group_size
+    rewards = torch.tensor([0.0 if i // g < uniform_groups else float(i % 3 == 0)  # i % 3: varied in a group
+                            for i in range(len(trajs))])
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -79,7 +84,7 @@ def default_workload(repeats: int) -> dict:
     return {"workload": "default", "trajectories": len(trajs), "sampled_tokens": sampled,
             "response_tokens": sum(len(t.response_ids) for t in trajs), "seconds": round(best, 3),
             "update_tokens_per_s": round(sampled / best, 1),
-            "amp": str(models.amp).replace("torch.", "") if models.amp else "off"}
+            "uniform_groups": uniform_groups, "amp": str(models.amp).replace("torch.", "") if models.amp else "off"}
 
 
 def qwen_workload(tokens: int) -> dict:
@@ -125,11 +130,14 @@ def main() -> None:
     ap.add_argument("--workload", choices=("default", "qwen0.5b"), default="default")
     ap.add_argument("--repeats", type=int, default=3, help="default workload: best of N prepare+update")
     ap.add_argument("--tokens", type=int, default=1024, help="qwen0.5b workload: tokens per trajectory")
+    ap.add_argument("--uniform-groups", type=int, default=0,
+                    help="default workload: groups whose samples all get reward 0 (of 8)")
     ap.add_argument("--label", default="", help="a tag printed with the figures (e.g. the commit)")
     args = ap.parse_args()
     import torch
 
-    row = default_workload(args.repeats) if args.workload == "default" else qwen_workload(args.tokens)
+    row = (default_workload(args.repeats, args.uniform_groups) if args.workload == "default"
+           else qwen_workload(args.tokens))
     row.update(label=args.label, threads=torch.get_num_threads(), load=round(os.getloadavg()[0], 2))
     print(json.dumps(row), flush=True)
 

@@ -133,6 +133,29 @@ def test_sampler_is_resumable():
     assert sorted(first + DataSampler(5, seed=3).next(5)[3:]) == sorted(DataSampler(5, seed=3).next(5))
 
 
+def test_balanced_sampler_draws_each_label_equally_and_resumes():
+    strata = [1] * 6 + [2] * 14  # 1-hop questions are rarer: they cycle sooner
+    a = DataSampler(20, seed=0, strata=strata)
+    draws = [a.next(5) for _ in range(6)]
+    assert [sum(strata[j] == 1 for j in d) for d in draws] == [3, 2] * 3  # 2 + 2 + the odd one, rotating
+    assert len({j for d in draws[:2] for j in d if strata[j] == 1}) == 5  # no repeat inside a label's epoch
+    b = DataSampler(20, seed=0, strata=strata)
+    b.load_state_dict(a.state_dict())
+    assert a.next(8) == b.next(8)
+    with pytest.raises(ValueError, match="strata"):
+        DataSampler(20, 0, strata).load_state_dict(DataSampler(20, 0).state_dict())
+
+
+def test_trainer_draws_balanced_hops_when_asked(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    cfg = apply_overrides(TrainConfig(), [f"out={tmp_path / 'run'}", "data.balance_hops=true", "prompts_per_step=2",
+                                          "algo.group_size=2", "mini_batch_size=4", "micro_batch_size=4"])
+    bundle = build_models(cfg.model, need_reference=False, need_critic=False, model=model, tokenizer=tok)
+    examples = [QAExample(f"e{i}", f"q{i}", ["a"], extra={"num_hops": 2 if i == 0 else 1}) for i in range(6)]
+    tr = Trainer(cfg, bundle, EchoRetriever(), examples)
+    assert all(0 in tr.sampler.next(2) for _ in range(4))  # the one 2-hop question is half of every draw
+
+
 @pytest.mark.parametrize("override,field", [
     ("algo.estimator=nope", "algo.estimator"),
     ("micro_batch_size=3", "mini_batch_size"),

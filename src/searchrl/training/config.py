@@ -80,6 +80,7 @@ class DataConfig:
     retriever_wait: float = field(default=60.0, metadata=_h("seconds to keep retrying an unreachable retrieval server before the run stops"))
     train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))
     eval_limit: int = field(default=60, metadata=_h("evaluate on at most this many questions per set (0 = all)"))
+    balance_hops: bool = field(default=False, metadata=_h("draw each step's questions equally from each hop count (when every training question has one, as in the synthetic world)"))
     max_hops: int = field(default=2, metadata=_h("keep questions with at most this many hops (when known, as in the synthetic world; 0 = all)"))
 
     def __post_init__(self) -> None:

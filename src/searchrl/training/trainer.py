@@ -105,7 +105,9 @@ class Trainer:
         self.generator = generator or models.generator()
         self.sync_weights = sync_weights
         self.run_dir = Path(cfg.out)
-        self.sampler = DataSampler(len(train_examples), cfg.seed)
+        hops = [e.extra.get("num_hops") for e in train_examples] if cfg.data.balance_hops else None
+        self.sampler = DataSampler(len(train_examples), cfg.seed,
+                                   strata=hops if hops and None not in hops else None)
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=oc.lr, betas=tuple(oc.betas),
                                            weight_decay=oc.weight_decay)
