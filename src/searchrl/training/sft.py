@@ -49,10 +49,10 @@ DEMO_STYLES = ("plan", "stepwise")
 def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
     """The model's turns of a demonstration for ``example`` (None without a hop chain).
 
-    ``style="plan"``: the first thought states the whole plan (what each hop looks up, and how many searches that
-    takes), so after each ``<information>`` block the choice between searching again and answering
-    can be read off the model's own earlier words: a small model learns that far more easily than
-    inferring the remaining hops from the question anew at every turn.
+    ``style="plan"``: the first thought states the whole plan (what each hop looks up, and how
+    many searches that takes), so after each ``<information>`` block the choice between searching
+    again and answering can be read off the model's own earlier words: a small model learns that
+    far more easily than inferring the remaining hops from the question anew at every turn.
 
     >>> ex = QAExample("q", "Who employs the spouse of Ana Bel?", ["Acme"], extra={"hops": [
     ...     {"entity": "Ana Bel", "relation": "spouse", "answer": "Cy Dee", "query": "Ana Bel married"},

@@ -207,6 +207,8 @@ class Trainer:
         if ref is None and values is None:  # the advantages need no forward pass: first, to skip inert rows
             adv, ret = self._advantages(mask, rewards, None, None, None)
             inert = self._inert_rows(adv, mask)
+            if inert is not None and inert.all():  # one micro-batch still runs, to measure the drift
+                inert[self._plan(trajs, 0)[0][0]] = False
         for rows in (rows for mini in self._plan(trajs, 0) for rows in self._live(mini, inert)):
             b = collate([trajs[i] for i in rows], self.pad_id).to(self.models.device)
             r = b.response_ids.shape[1]
@@ -244,6 +246,8 @@ class Trainer:
         no critic (the caller checks the first and the last). The loss denominator still counts their
         tokens, so the gradient is the one they would give; only their forward and backward passes
         are saved. Not under FSDP, whose forward passes are collectives every rank must run alike.
+        (When every row is inert, ``prepare`` keeps one micro-batch running: its gradient is 0,
+        and ``logprob_drift`` is still measured.)
         """
         if self.sharded or self.cfg.algo.entropy_coef > 0:
             return None
