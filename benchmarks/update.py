@@ -3,8 +3,8 @@
 Two workloads, each printed as one JSON line:
 
 - ``default``: the embedded default's model (SmolLM2-135M-Instruct, bf16 autocast where native)
-  on the default step's shape: 32 multi-turn search trajectories (8 questions x 4 samples) made
-  by the scripted demonstrations of the synthetic world (real prompts, real ``<information>``
+  on the default step's shape: 32 multi-turn search trajectories (of 32 questions, taken as 8
+  GRPO groups of 4 consecutive rows) made by the scripted demonstrations of the synthetic world (real prompts, real ``<information>``
   blocks, real loss masks), GRPO with the default config. ``update_tokens_per_s`` counts sampled
   (loss-mask) tokens over the time of ``prepare`` + ``update``, best of ``--repeats``. Rewards
   vary inside every group unless ``--uniform-groups K``: then K of the 8 groups got the same
