@@ -203,13 +203,14 @@ class Trainer:
         on_policy = self.cfg.ppo_epochs == 1 and self._local_mini_batch >= N and not (ref is not None and a.kl_in_reward)
         old = None if on_policy else torch.zeros(N, R)
         values = torch.zeros(N, R) if self.models.critic is not None else None
+        plan = self._plan(trajs, 0)
         adv = ret = inert = None
         if ref is None and values is None:  # the advantages need no forward pass: first, to skip inert rows
             adv, ret = self._advantages(mask, rewards, None, None, None)
             inert = self._inert_rows(adv, mask)
             if inert is not None and inert.all():  # one micro-batch still runs, to measure the drift
-                inert[self._plan(trajs, 0)[0][0]] = False
-        for rows in (rows for mini in self._plan(trajs, 0) for rows in self._live(mini, inert)):
+                inert[plan[0][0]] = False
+        for rows in (rows for mini in plan for rows in self._live(mini, inert)):
             b = collate([trajs[i] for i in rows], self.pad_id).to(self.models.device)
             r = b.response_ids.shape[1]
             if old is not None:
