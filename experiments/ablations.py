@@ -1,0 +1,180 @@
+"""The paper's ablations at the embedded default's scale: retrieved-token masking on / off, GRPO / PPO.
+
+    python experiments/ablations.py --out runs/ablations [--seeds 0,1,2] [--arms grpo,grpo-nomask,ppo]
+        [--jobs 2] [KEY=VALUE ...]
+
+Per seed, one format warm-start is trained and evaluated (``OUT/warmstart/seed-S``: ``searchrl train
+steps=0``, its model folder and its held-out evaluation); then every arm runs RL from that same model
+(``OUT/ARM/seed-S``: ``searchrl train model.name=OUT/warmstart/seed-S/model warmstart.steps=0`` plus
+the arm's overrides), with the warm-start's evaluation copied in as its "before" evaluation. So within
+a seed every arm starts from the same weights and is scored against the same questions and the same
+"before" answers, and the warm-start (a third of a default run) is paid once per seed, not per arm.
+One difference from a plain ``searchrl train``: a PPO critic starts from the warm-started model here
+(from the base model there).
+
+KEY=VALUE overrides apply to every run (e.g. ``data.eval_limit=120``). ``--jobs N`` runs N trainings
+at once with ``OMP_NUM_THREADS = cores / N``. Finished runs (their ``summary.json``) are read, not run
+again; an unfinished one continues from its newest checkpoint, so the script can be re-run after a
+crash or Ctrl-C. Writes ``OUT/ablations.json`` (per arm: ``searchrl.training.seeds`` summaries; per
+seed: each arm against ``grpo`` after RL, paired over questions) and prints markdown tables. Each
+run's log is ``OUT/ARM/seed-S.log``.
+
+Left out: the paper's other ablations (group size, top-k, base vs instruct), which are overrides of
+the same runs (``algo.group_size=5``, ``rollout.topk=3``) given as extra ``--arms`` via ``ARMS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX, compare_files
+from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary
+
+ARMS: dict[str, list[str]] = {
+    "grpo": [],  # the embedded default
+    "grpo-nomask": ["algo.mask_retrieved=false"],
+    "ppo": ["algo.estimator=gae"],
+    "ppo-nomask": ["algo.estimator=gae", "algo.mask_retrieved=false"],
+}
+BASELINE = "grpo"
+SEARCHRL = [sys.executable, "-m", "searchrl.cli"]
+
+
+class RunFailed(RuntimeError):
+    """A training run of the ablation exited with an error."""
+
+
+def _run(cmd: list[str], out: Path, log: Path, threads: int) -> dict:
+    """``searchrl train`` into ``out`` (resumed when unfinished); its ``summary.json``."""
+    done = out / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if out.exists() and any(out.iterdir()):
+        cmd = [*cmd, "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    print(f"start {out} ({threads} thread(s)); log {log}", flush=True)
+    with log.open("a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0 or not done.is_file():
+        raise RunFailed(f"{out}: searchrl train failed (exit {rc}); see the end of {log}")
+    print(f"done  {out} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads(done.read_text())
+
+
+def _seed_arm(arm_dir: Path, ws_dir: Path) -> None:
+    """Give an arm's run folder the warm-start's evaluation as its "before" evaluation."""
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", RUN_SUFFIX):
+        target = arm_dir / f"{BEFORE}{suffix}"
+        if not target.exists():
+            shutil.copyfile(ws_dir / f"{AFTER}{suffix}", target)
+
+
+def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[str], jobs: int) -> dict:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    common = list(overrides)
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        warm: dict[int, Future] = {}
+        for s in seeds:
+            ws = out / "warmstart" / f"seed-{s}"
+            ws.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [*SEARCHRL, "train", "--out", str(ws), f"seed={s}", *common, "steps=0", "eval_before=false",
+                   "report=false"]
+            warm[s] = pool.submit(_run, cmd, ws, ws.parent / f"seed-{s}.log", threads)
+
+        def arm_job(arm: str, s: int) -> dict:
+            warm[s].result()  # the seed's warm-start first
+            ws = out / "warmstart" / f"seed-{s}"
+            run = out / arm / f"seed-{s}"
+            with lock:
+                _seed_arm(run, ws)
+            cmd = [*SEARCHRL, "train", "--out", str(run), f"seed={s}", *common, f"model.name={ws / 'model'}",
+                   "warmstart.steps=0", "eval_before=false", *ARMS[arm]]
+            return _run(cmd, run, run.parent / f"seed-{s}.log", threads)
+
+        futures = {(arm, s): pool.submit(arm_job, arm, s) for s in seeds for arm in arms}
+        summaries = {key: f.result() for key, f in futures.items()}
+    result: dict = {"seeds": seeds, "overrides": overrides, "arms": {}, "versus": {}}
+    for arm in arms:
+        result["arms"][arm] = {"overrides": ARMS[arm],
+                               **seeds_summary(out / arm, {s: summaries[(arm, s)] for s in seeds})}
+    if BASELINE in arms:
+        for arm in arms:
+            if arm == BASELINE:
+                continue
+            per_seed = {}
+            for s in seeds:
+                r = compare_files(out / BASELINE / f"seed-{s}" / f"{AFTER}{RUN_SUFFIX}",
+                                  out / arm / f"seed-{s}" / f"{AFTER}{RUN_SUFFIX}", metrics=("em",))
+                per_seed[str(s)] = {k: r["avg"]["em"][k] for k in ("n", "diff", "ci95")}
+            result["versus"][arm] = per_seed
+    (out / "ablations.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_ablations(result: dict) -> str:
+    lines = []
+    for arm, r in result["arms"].items():
+        lines += [f"### {arm} ({' '.join(r['overrides']) or 'the default'})", "", format_seeds(r), ""]
+    seeds = [str(s) for s in result["seeds"]]
+    rows = ["| arm | " + " | ".join(f"seed {s}: EM after (gain)" for s in seeds) + " | mean after | mean gain |",
+            "|---|" + "---|" * (len(seeds) + 2)]
+    for arm, r in result["arms"].items():
+        cells = []
+        for s in seeds:
+            p = r["per_seed"][s]
+            cells.append("-" if p["after"] is None else f"{p['after']:.3f} ({p['gain']:+.3f})")
+        g = r["gain"]["mean"]
+        rows.append(f"| {arm} | " + " | ".join(cells) + f" | {r['after_mean']:.3f} | "
+                    + ("-" if g is None else f"{g:+.3f}") + " |")
+    lines += ["### all arms", "", *rows, ""]
+    for arm, per_seed in result["versus"].items():
+        parts = [f"seed {s}: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for s, v in per_seed.items()]
+        lines.append(f"{arm} - {BASELINE} after RL (EM, n={next(iter(per_seed.values()))['n']}): " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--arms", default="grpo,grpo-nomask,ppo", help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE for every run")
+    args = p.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides are KEY=VALUE, got {bad}")
+    fixed = [o for o in args.overrides if o.split("=", 1)[0] in ("seed", "out")]
+    if fixed:
+        p.error(f"{fixed}: the script sets seed and out per run (use --seeds and --out)")
+    try:
+        result = run_ablations(args.out, parse_seeds(args.seeds), arms, args.overrides, args.jobs)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_ablations(result))
+    print(f"\nwrote {args.out / 'ablations.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""experiments/ablations.py end to end on a tiny random model: one warm-start per seed, every arm
+trained from its model with the arm's overrides and scored against its evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "experiments" / "ablations.py"
+_spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+ablations = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablations)
+
+TINY = ["steps=1", "prompts_per_step=2", "data.eval_limit=4", "warmstart.steps=1", "warmstart.examples=8",
+        "rollout.max_new_tokens_per_turn=16", "eval_rollout.max_new_tokens_per_turn=16"]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    from searchrl.testing import tiny_random_lm
+
+    path = tmp_path / "tiny"
+    tiny_random_lm(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_arms_start_from_the_seeds_warm_start(tmp_path, tiny_model_dir):
+    out = tmp_path / "ab"
+    r = _run(out, "--seeds", "0", "--arms", "grpo,ppo", f"model.name={tiny_model_dir}", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ws = out / "warmstart" / "seed-0"
+    ws_cfg = (ws / "config.yaml").read_text()
+    assert "\nsteps: 0\n" in ws_cfg and f"name: {tiny_model_dir}" in ws_cfg  # no RL in the warm-start
+    assert json.loads((ws / "warmstart.json").read_text())["losses"]  # it did warm-start
+    for arm, estimator in (("grpo", "grpo"), ("ppo", "gae")):
+        run = out / arm / "seed-0"
+        cfg = (run / "config.yaml").read_text()
+        assert f"name: {ws / 'model'}" in cfg and f"estimator: {estimator}" in cfg and "\nsteps: 1\n" in cfg
+        assert not (run / "warmstart.json").exists()  # no second warm-start
+        # the "before" answers are the warm-start's, byte for byte
+        assert (run / "eval_before_trajectories.jsonl").read_bytes() == (ws / "eval_after_trajectories.jsonl").read_bytes()
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    result = json.loads((out / "ablations.json").read_text())
+    assert set(result["arms"]) == {"grpo", "ppo"} and set(result["versus"]) == {"ppo"}
+    assert result["arms"]["ppo"]["per_seed"]["0"]["n"] == 4
+    assert "| ppo |" in r.stdout
+
+    # a second call reads the finished runs instead of training again
+    stamp = (out / "ppo" / "seed-0" / "summary.json").stat().st_mtime_ns
+    r2 = _run(out, "--seeds", "0", "--arms", "grpo,ppo", f"model.name={tiny_model_dir}", *TINY)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert (out / "ppo" / "seed-0" / "summary.json").stat().st_mtime_ns == stamp
+    assert "start " not in r2.stdout
+
+
+def test_a_failed_run_is_one_clear_error(tmp_path, tiny_model_dir):
+    r = _run(tmp_path / "ab", "--seeds", "0", "--arms", "grpo", f"model.name={tiny_model_dir}", *TINY,
+             "rollout.min_turn_tokens=999")
+    assert r.returncode == 1
+    assert "searchrl train failed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit) as e:
+        ablations.main(["--out", "x", "--arms", "grpo,nope"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        ablations.main(["--out", "x", "not-an-override"])
+    with pytest.raises(SystemExit):
+        ablations.main(["--out", "x", "seed=3"])  # the seeds come from --seeds
