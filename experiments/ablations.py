@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX, compare_files
-from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import RunFailed, check_overrides, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
+
+from searchrl.eval.compare import AFTER, RUN_SUFFIX, compare_files  # noqa: E402
+from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "grpo": [],  # the embedded default
@@ -46,70 +45,33 @@ ARMS: dict[str, list[str]] = {
     "ppo-nomask": ["algo.estimator=gae", "algo.mask_retrieved=false"],
 }
 BASELINE = "grpo"
-SEARCHRL = [sys.executable, "-m", "searchrl.cli"]
-
-
-class RunFailed(RuntimeError):
-    """A training run of the ablation exited with an error."""
-
-
-def _run(cmd: list[str], out: Path, log: Path, threads: int) -> dict:
-    """``searchrl train`` into ``out`` (resumed when unfinished); its ``summary.json``."""
-    done = out / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    if out.exists() and any(out.iterdir()):
-        cmd = [*cmd, "--resume"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    print(f"start {out} ({threads} thread(s)); log {log}", flush=True)
-    with log.open("a") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0 or not done.is_file():
-        raise RunFailed(f"{out}: searchrl train failed (exit {rc}); see the end of {log}")
-    print(f"done  {out} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return json.loads(done.read_text())
-
-
-def _seed_arm(arm_dir: Path, ws_dir: Path) -> None:
-    """Give an arm's run folder the warm-start's evaluation as its "before" evaluation."""
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    for suffix in (".json", RUN_SUFFIX):
-        target = arm_dir / f"{BEFORE}{suffix}"
-        if not target.exists():
-            shutil.copyfile(ws_dir / f"{AFTER}{suffix}", target)
 
 
 def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[str], jobs: int) -> dict:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    common = list(overrides)
+    threads = threads_per_job(jobs)
     lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         warm: dict[int, Future] = {}
         for s in seeds:
             ws = out / "warmstart" / f"seed-{s}"
-            ws.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [*SEARCHRL, "train", "--out", str(ws), f"seed={s}", *common, "steps=0", "eval_before=false",
-                   "report=false"]
-            warm[s] = pool.submit(_run, cmd, ws, ws.parent / f"seed-{s}.log", threads)
+            args = [f"seed={s}", *overrides, "steps=0", "eval_before=false", "report=false"]
+            warm[s] = pool.submit(run_searchrl, "train", args, ws, ws.parent / f"seed-{s}.log", threads)
 
         def arm_job(arm: str, s: int) -> dict:
-            warm[s].result()  # the seed's warm-start first
-            ws = out / "warmstart" / f"seed-{s}"
+            ws = warm[s].result()  # the seed's warm-start first
             run = out / arm / f"seed-{s}"
             with lock:
-                _seed_arm(run, ws)
-            cmd = [*SEARCHRL, "train", "--out", str(run), f"seed={s}", *common, f"model.name={ws / 'model'}",
-                   "warmstart.steps=0", "eval_before=false", *ARMS[arm]]
-            return _run(cmd, run, run.parent / f"seed-{s}.log", threads)
+                start_from(run, ws)
+            args = [f"seed={s}", *overrides, f"model.name={ws / 'model'}", "warmstart.steps=0", "eval_before=false",
+                    *ARMS[arm]]  # fmt: skip
+            return summary(run_searchrl("train", args, run, run.parent / f"seed-{s}.log", threads))
 
         futures = {(arm, s): pool.submit(arm_job, arm, s) for s in seeds for arm in arms}
         summaries = {key: f.result() for key, f in futures.items()}
     result: dict = {"seeds": seeds, "overrides": overrides, "arms": {}, "versus": {}}
     for arm in arms:
         result["arms"][arm] = {"overrides": ARMS[arm],
-                               **seeds_summary(out / arm, {s: summaries[(arm, s)] for s in seeds})}
+                               **seeds_summary(out / arm, {s: summaries[(arm, s)] for s in seeds})}  # fmt: skip
     if BASELINE in arms:
         for arm in arms:
             if arm == BASELINE:
@@ -117,7 +79,7 @@ def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[
             per_seed = {}
             for s in seeds:
                 r = compare_files(out / BASELINE / f"seed-{s}" / f"{AFTER}{RUN_SUFFIX}",
-                                  out / arm / f"seed-{s}" / f"{AFTER}{RUN_SUFFIX}", metrics=("em",))
+                                  out / arm / f"seed-{s}" / f"{AFTER}{RUN_SUFFIX}", metrics=("em",))  # fmt: skip
                 per_seed[str(s)] = {k: r["avg"]["em"][k] for k in ("n", "diff", "ci95")}
             result["versus"][arm] = per_seed
     (out / "ablations.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -160,12 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"overrides are KEY=VALUE, got {bad}")
-    fixed = [o for o in args.overrides if o.split("=", 1)[0] in ("seed", "out")]
-    if fixed:
-        p.error(f"{fixed}: the script sets seed and out per run (use --seeds and --out)")
+    problem = check_overrides(args.overrides, ("seed", "out"))
+    if problem:
+        p.error(problem + " (use --seeds and --out)")
     try:
         result = run_ablations(args.out, parse_seeds(args.seeds), arms, args.overrides, args.jobs)
     except RunFailed as e:
