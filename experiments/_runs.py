@@ -19,7 +19,7 @@ from pathlib import Path
 from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX
 
 SEARCHRL = [sys.executable, "-m", "searchrl.cli"]
-DONE = {"train": "summary.json", "eval": "metrics.json"}
+DONE = {"train": "summary.json", "eval": "metrics.json", "index": "manifest.json"}  # what a finished run leaves
 
 
 class RunFailed(RuntimeError):

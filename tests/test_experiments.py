@@ -79,3 +79,58 @@ def test_bad_arguments_are_refused():
         ablations.main(["--out", "x", "not-an-override"])
     with pytest.raises(SystemExit):
         ablations.main(["--out", "x", "seed=3"])  # the seeds come from --seeds
+
+
+# ------------------------------------------------------------------------------ experiments/miniwiki.py
+_mw_spec = importlib.util.spec_from_file_location("miniwiki", SCRIPT.parent / "miniwiki.py")
+miniwiki = importlib.util.module_from_spec(_mw_spec)
+_mw_spec.loader.exec_module(miniwiki)
+
+
+def _tiny_miniwiki(root: Path) -> Path:
+    """A folder shaped like ../shared/data/miniwiki: a corpus and six question files, 3 test + 4
+    train questions each (made up here: the real data is never read by the default tests)."""
+    data = root / "mw"
+    (data / "questions").mkdir(parents=True)
+    people = ["Ada Moss", "Ben Ray", "Cy Lee", "Dot Kay", "Eli Fox", "Fay Orr", "Gus Pim"]
+    towns = ["Arden", "Bexley", "Corran", "Dunmore", "Elsby", "Farrow", "Glenn"]
+    with open(data / "corpus.jsonl", "w") as f:
+        for i, (p, t) in enumerate(zip(people, towns)):
+            f.write(json.dumps({"id": str(i), "contents": f"{p}\n{p} was born in {t} and lived there."}) + "\n")
+    for name in miniwiki.TEST_SETS:
+        with open(data / "questions" / f"{name}.jsonl", "w") as f:
+            for i, (p, t) in enumerate(zip(people, towns)):
+                split = "test" if i < 3 else "train"
+                f.write(json.dumps({"id": f"{name}-{i}", "question": f"where was {p} born", "golden_answers": [t],
+                                    "split": split, "answerable": i != 1}) + "\n")
+    return data
+
+
+def test_miniwiki_runs_rl_and_baselines_from_one_warm_start(tmp_path, tiny_model_dir):
+    data, out = _tiny_miniwiki(tmp_path), tmp_path / "mw-out"
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "miniwiki.py"), "--data", str(data), "--out", str(out),
+                        "--jobs", "2", *TINY[:2], "warmstart.steps=1", "warmstart.examples=8",
+                        "rollout.max_new_tokens_per_turn=16", "eval_rollout.max_new_tokens_per_turn=16"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ws, rl = out / "warmstart", out / "rl"
+    assert (rl / "eval_before_trajectories.jsonl").read_bytes() == (ws / "eval_after_trajectories.jsonl").read_bytes()
+    for run in ("rl", "rag", "direct"):
+        cfg = (out / run / ("config.yaml" if run == "rl" else "eval_config.json")).read_text()
+        assert str(ws / "model") in cfg
+    rag = [json.loads(line) for line in (out / "rag" / "trajectories.jsonl").read_text().splitlines()]
+    assert len(rag) == 18 and {q["id"].split("-")[1] for q in rag} == {"0", "1", "2"}  # 3 test questions a set
+    result = json.loads((out / "miniwiki.json").read_text())
+    comp = result["comparisons"]["after RL - rag"]
+    assert comp["n"] == 18 and len(comp["datasets"]) == 6
+    assert comp["avg"]["em_answerable"]["n"] == 12  # question 1 of each set is flagged unanswerable
+    assert result["steps"] == 1 and result["train_wall_seconds"] > 0
+    assert "after RL - rag" in r.stdout and "em_answerable" in r.stdout
+
+
+def test_miniwiki_refuses_missing_data_and_reserved_overrides(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "miniwiki.py"), "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit):
+        miniwiki.main(["--data", "d", "--out", "o", "data.index=x"])
