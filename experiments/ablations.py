@@ -43,6 +43,7 @@ ARMS: dict[str, list[str]] = {
     "grpo-nomask": ["algo.mask_retrieved=false"],
     "ppo": ["algo.estimator=gae"],
     "ppo-nomask": ["algo.estimator=gae", "algo.mask_retrieved=false"],
+    "grpo-balanced": ["data.balance_hops=true"],  # not the paper's: the learning issue's balanced draws
 }
 BASELINE = "grpo"
 

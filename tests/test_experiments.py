@@ -43,6 +43,8 @@ def test_arms_start_from_the_seeds_warm_start(tmp_path, tiny_model_dir):
     ws_cfg = (ws / "config.yaml").read_text()
     assert "\nsteps: 0\n" in ws_cfg and f"name: {tiny_model_dir}" in ws_cfg  # no RL in the warm-start
     assert json.loads((ws / "warmstart.json").read_text())["losses"]  # it did warm-start
+    assert "report:" not in (ws.parent / "seed-0.log").read_text()  # report=false: no report named
+    assert f"report: {out / 'grpo' / 'seed-0'}/report/index.html" in (out / "grpo" / "seed-0.log").read_text()
     for arm, estimator in (("grpo", "grpo"), ("ppo", "gae")):
         run = out / arm / "seed-0"
         cfg = (run / "config.yaml").read_text()

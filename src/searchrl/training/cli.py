@@ -96,5 +96,6 @@ def run(args: argparse.Namespace) -> int:
         g = summary["gain"]
         print(f"EM gain {g['gain']:+.3f}, 95% paired interval [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] "
               f"over {g['n']} questions")
-    print(f"wall time: {summary['wall_seconds']:.0f} s; report: {cfg.out}/report/index.html")
+    report = f"; report: {cfg.out}/report/index.html" if cfg.report else ""
+    print(f"wall time: {summary['wall_seconds']:.0f} s{report}")
     return 0
