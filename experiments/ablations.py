@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import RunFailed, check_overrides, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
 
+from searchrl.errors import SearchRLError  # noqa: E402
 from searchrl.eval.compare import AFTER, RUN_SUFFIX, compare_files  # noqa: E402
 from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary  # noqa: E402
 
@@ -50,7 +50,6 @@ BASELINE = "grpo"
 
 def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[str], jobs: int) -> dict:
     threads = threads_per_job(jobs)
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         warm: dict[int, Future] = {}
         for s in seeds:
@@ -61,8 +60,7 @@ def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[
         def arm_job(arm: str, s: int) -> dict:
             ws = warm[s].result()  # the seed's warm-start first
             run = out / arm / f"seed-{s}"
-            with lock:
-                start_from(run, ws)
+            start_from(run, ws)
             args = [f"seed={s}", *overrides, f"model.name={ws / 'model'}", "warmstart.steps=0", "eval_before=false",
                     *ARMS[arm]]  # fmt: skip
             return summary(run_searchrl("train", args, run, run.parent / f"seed-{s}.log", threads))
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem + " (use --seeds and --out)")
     try:
         result = run_ablations(args.out, parse_seeds(args.seeds), arms, args.overrides, args.jobs)
-    except RunFailed as e:
+    except (RunFailed, SearchRLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_ablations(result))

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import RunFailed, check_overrides, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
 
+from searchrl.errors import SearchRLError  # noqa: E402
 from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX, compare_files  # noqa: E402
 from searchrl.eval.tables import SHORT_NAMES, markdown_table, ordered_datasets  # noqa: E402
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--jobs must be >= 1")
     try:
         result = run_miniwiki(args.data, args.out, args.config, args.overrides, args.jobs)
-    except (RunFailed, FileNotFoundError) as e:
+    except (RunFailed, FileNotFoundError, SearchRLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_miniwiki(result))

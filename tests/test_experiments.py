@@ -81,6 +81,7 @@ def test_bad_arguments_are_refused():
         ablations.main(["--out", "x", "not-an-override"])
     with pytest.raises(SystemExit):
         ablations.main(["--out", "x", "seed=3"])  # the seeds come from --seeds
+    assert ablations.main(["--out", "x", "--seeds", "0,0"]) == 1  # a clear error, not a traceback
 
 
 # ------------------------------------------------------------------------------ experiments/miniwiki.py
