@@ -128,7 +128,7 @@ def test_failed_write_from_monkeypatched_save_cleans_up(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck.torch, "save", full_disk)
-    with pytest.raises(SearchRLError, match="No space left on device.*step-000001 is intact"):
+    with pytest.raises(SearchRLError, match="No space left on device; [0-9,]+ MB free on its disk.*step-000001 is intact"):
         save_checkpoint(run, 2, torch.nn.Linear(8, 8), None, {})
     assert _names(list_checkpoints(run)) == ["step-000000", "step-000001"]
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())

@@ -150,8 +150,10 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         prev = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+        # torch reports a full disk as "unexpected pos N vs M": name the free space
+        free = f"; {shutil.disk_usage(root).free / 2**20:,.0f} MB free on its disk"
         raise SearchRLError(f"could not write checkpoint step {step} in {root} "
-                            f"({getattr(e, 'strerror', None) or e}): {kept}") from e
+                            f"({getattr(e, 'strerror', None) or e}{free}): {kept}") from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
