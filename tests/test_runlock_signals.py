@@ -75,13 +75,22 @@ def test_eval_refuses_an_out_folder_in_use(tmp_path, capsys):
     assert not (out / "trajectories.jsonl").exists() and not (out / "eval_config.json").exists()
 
 
+def _wait_for(done, seconds: float = 10.0) -> None:
+    """Poll until ``done()`` or the deadline: a signal's Python handler runs on the main thread
+    between bytecodes, which on a loaded machine can be later than a fixed short sleep (a 0.5 s
+    sleep once missed the KeyboardInterrupt with four jobs on two cores)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_stop_flag_set_by_sigterm_and_handlers_restored():
     before = signal.getsignal(signal.SIGTERM)
     with StopOnSignal() as stop:
         assert not stop.should_stop()
         stop.check(1, "ckpt")  # nothing received: no exception
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _wait_for(stop.should_stop)
         assert stop.should_stop()
         with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 3; checkpoint ck written.*--resume"):
             stop.check(3, "ck")
@@ -91,9 +100,9 @@ def test_stop_flag_set_by_sigterm_and_handlers_restored():
 def test_second_sigint_goes_to_the_previous_handler():
     with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
+        _wait_for(stop.should_stop)
         assert stop.should_stop()
         with pytest.raises(KeyboardInterrupt):  # Python's own SIGINT handler: stop now
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)
+            _wait_for(lambda: False)  # the handler runs between these bytecodes and raises
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
