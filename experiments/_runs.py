@@ -14,8 +14,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from searchrl.errors import SearchRLError
 from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX
 
 SEARCHRL = [sys.executable, "-m", "searchrl.cli"]
@@ -65,6 +67,19 @@ def start_from(run: Path, warm: Path) -> None:
 
 def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def finish(make: Callable[[], dict], fmt: Callable[[dict], str], written: Path) -> int:
+    """A script's end: run ``make``, print ``fmt`` of its result and the file it wrote; exit 1 with
+    one error line when a run failed or the input is wrong."""
+    try:
+        result = make()
+    except (RunFailed, FileNotFoundError, SearchRLError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(fmt(result))
+    print(f"\nwrote {written}")
+    return 0
 
 
 def check_overrides(overrides: list[str], reserved: tuple[str, ...]) -> str | None:

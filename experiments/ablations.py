@@ -32,9 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import RunFailed, check_overrides, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
+from _runs import check_overrides, finish, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
 
-from searchrl.errors import SearchRLError  # noqa: E402
 from searchrl.eval.compare import AFTER, RUN_SUFFIX, compare_files  # noqa: E402
 from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary  # noqa: E402
 
@@ -124,14 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_overrides(args.overrides, ("seed", "out"))
     if problem:
         p.error(problem + " (use --seeds and --out)")
-    try:
-        result = run_ablations(args.out, parse_seeds(args.seeds), arms, args.overrides, args.jobs)
-    except (RunFailed, SearchRLError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_ablations(result))
-    print(f"\nwrote {args.out / 'ablations.json'}")
-    return 0
+    return finish(lambda: run_ablations(args.out, parse_seeds(args.seeds), arms, args.overrides, args.jobs),
+                  format_ablations, args.out / "ablations.json")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import RunFailed, check_overrides, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
+from _runs import check_overrides, finish, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
 
-from searchrl.errors import SearchRLError  # noqa: E402
 from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX, compare_files  # noqa: E402
 from searchrl.eval.tables import SHORT_NAMES, markdown_table, ordered_datasets  # noqa: E402
 
@@ -130,14 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(problem)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
-    try:
-        result = run_miniwiki(args.data, args.out, args.config, args.overrides, args.jobs)
-    except (RunFailed, FileNotFoundError, SearchRLError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_miniwiki(result))
-    print(f"\nwrote {args.out / 'miniwiki.json'}")
-    return 0
+    return finish(lambda: run_miniwiki(args.data, args.out, args.config, args.overrides, args.jobs),
+                  format_miniwiki, args.out / "miniwiki.json")
 
 
 if __name__ == "__main__":
