@@ -66,7 +66,9 @@ def start_from(run: Path, warm: Path) -> None:
 
 
 def threads_per_job(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    """The CPUs this process may run on (``taskset`` / a cgroup's cpuset narrow them), shared out."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // jobs)
 
 
 def finish(make: Callable[[], dict], fmt: Callable[[dict], str], written: Path) -> int:

@@ -84,6 +84,15 @@ def test_bad_arguments_are_refused():
     assert ablations.main(["--out", "x", "--seeds", "0,0"]) == 1  # a clear error, not a traceback
 
 
+def test_jobs_share_the_cpus_this_process_may_use(monkeypatch):
+    import _runs  # importable once ablations.py has put experiments/ on sys.path
+
+    monkeypatch.setattr(_runs.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert _runs.threads_per_job(1) == 1  # `taskset -c 3`: one thread, not os.cpu_count()
+    monkeypatch.setattr(_runs.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert (_runs.threads_per_job(1), _runs.threads_per_job(2), _runs.threads_per_job(16)) == (8, 4, 1)
+
+
 # ------------------------------------------------------------------------------ experiments/miniwiki.py
 _mw_spec = importlib.util.spec_from_file_location("miniwiki", SCRIPT.parent / "miniwiki.py")
 miniwiki = importlib.util.module_from_spec(_mw_spec)
