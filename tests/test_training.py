@@ -217,31 +217,6 @@ def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
         assert info and "<information>" in tiny_tokenizer.decode([d.response_ids[i] for i in info])
 
 
-def test_short_share_cuts_multi_hop_demonstrations_after_their_first_search(tiny_tokenizer):
-    from searchrl.data.world import generate_world
-    from searchrl.retrieval.bm25 import BM25Retriever
-    from searchrl.rollout.config import RolloutConfig
-    from searchrl.training.sft import demonstrations
-
-    world = generate_world(seed=1, n_entities=80)
-    retriever = BM25Retriever.build(world.passages, show_progress=False)
-    args = (world.questions, tiny_tokenizer, retriever, RolloutConfig())
-    full = demonstrations(*args, limit=40, seed=3)
-    cut = demonstrations(*args, limit=40, seed=3, short_share=1.0)
-    assert [d.example.id for d in cut] == [d.example.id for d in full]  # same questions, same order
-    multi = [d for d in cut if d.example.extra["num_hops"] > 1]
-    assert len(multi) >= 5
-    for d in cut:
-        hops = d.example.extra["hops"]
-        assert d.num_searches == 1 and d.finish_reason == "answer"
-        assert d.answer == hops[0]["answer"]  # the first hop's result: wrong on a multi-hop question
-        assert "That takes 1 search." in tiny_tokenizer.decode(d.response_ids)
-    half = demonstrations(*args, limit=40, seed=3, short_share=0.5)
-    n_cut = sum(d.num_searches < d.example.extra["num_hops"] for d in half)
-    assert 0 < n_cut < len(multi)
-    assert all(d.num_searches == d.example.extra["num_hops"] for d in half if d.example.extra["num_hops"] == 1)
-
-
 def test_sft_mode_needs_direct_method():
     with pytest.raises(ConfigError, match="method"):
         apply_overrides(TrainConfig(), ["mode=sft"])

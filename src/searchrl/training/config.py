@@ -161,14 +161,12 @@ class WarmStartConfig:
     lr: float = field(default=5e-5, metadata=_h("warm-start learning rate"))
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
     style: str = field(default="plan", metadata=_h("demonstrations' thoughts: plan (the first thought states how many searches the question takes) | stepwise (after each search, whether the question is answered yet)"))
-    short_share: float = field(default=0.0, metadata=_h("share of multi-hop demonstrations cut after their first search (answering that search's result): the warm-started policy then samples both one- and multi-search plans on multi-hop questions, so RL has a reward contrast to learn from"))
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "warmstart.steps", "must be >= 0")
         check(self.batch_size >= 1, "warmstart.batch_size", "must be >= 1")
         check(self.lr > 0, "warmstart.lr", "must be > 0")
         check(self.style in DEMO_STYLES, "warmstart.style", f"one of {', '.join(DEMO_STYLES)}, got {self.style!r}")
-        check(0.0 <= self.short_share <= 1.0, "warmstart.short_share", "must be in [0, 1]")
 
 
 @dataclass

@@ -152,7 +152,7 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
         demo_retriever = bm25_over(corpus_path)
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
-                           method=cfg.method, style=cfg.warmstart.style, short_share=cfg.warmstart.short_share)
+                           method=cfg.method, style=cfg.warmstart.style)
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -139,49 +138,29 @@ class ScriptedGenerator:
         return out
 
 
-def cut_chain(example: QAExample, n: int) -> QAExample:
-    """``example`` as if its hop chain ended after ``n`` hops: a demonstration of it stops searching
-    early and answers the ``n``-th hop's result (the plan of a model that misreads the question)."""
-    hops = example.extra["hops"]
-    return replace(example, extra={**example.extra, "hops": hops[:n]})
-
-
 def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cfg: RolloutConfig,
-                   limit: int, seed: int = 0, method: str = "search", style: str = "plan",
-                   short_share: float = 0.0) -> list[Trajectory]:
-    """Up to ``limit`` scripted demonstration trajectories that end with the scripted answer
-    (``style``: the thoughts' wording, see :func:`demo_turns`).
-
-    ``short_share``: the share of multi-hop questions whose demonstration is cut after the first
-    search (:func:`cut_chain`), so that it answers the first hop's result, a wrong answer. The
-    warm-started policy then samples both plans on multi-hop questions, and RL has groups with a
-    reward contrast to learn from which plan pays (with every demonstration complete, a seed's
-    warm-start either plans one search for everything, whose groups all fail alike on multi-hop
-    questions, or already plans per question)."""
+                   limit: int, seed: int = 0, method: str = "search", style: str = "plan") -> list[Trajectory]:
+    """Up to ``limit`` scripted demonstration trajectories that end with the gold answer
+    (``style``: the thoughts' wording, see :func:`demo_turns`)."""
     from searchrl.rollout.prompts import build_prompt
 
     pool = [e for e in examples if demo_turns(e)]
-    rng = random.Random(seed)
-    rng.shuffle(pool)
+    random.Random(seed).shuffle(pool)
     scripts: dict[tuple[int, ...], list[str]] = {}
-    expected: dict[str, str] = {}
     chosen = []
     for e in pool:
         key = tuple(build_prompt(tokenizer, e.question, method))
         if key in scripts:
             continue
-        shown = cut_chain(e, 1) if len(e.extra["hops"]) > 1 and rng.random() < short_share else e
-        scripts[key] = demo_turns(shown, style)  # type: ignore[assignment]
-        expected[e.id] = shown.extra["hops"][-1]["answer"]
+        scripts[key] = demo_turns(e, style)  # type: ignore[assignment]
         chosen.append(e)
         if len(chosen) >= limit:
             break
     gen = ScriptedGenerator(tokenizer, scripts)
     trajs = run_rollouts(chosen, gen, retriever, tokenizer, cfg, n_samples=1, batch_size=64,
                          method=method, progress=False)
-    good = [t for t in trajs if t.finish_reason == "answer" and exact_match(t.answer, [expected[t.example.id]])]
-    short = sum(1 for t in good if not exact_match(t.answer, t.example.golden_answers))
-    log.info("demonstrations: %d of %d scripted trajectories are complete (%d cut short)", len(good), len(trajs), short)
+    good = [t for t in trajs if t.finish_reason == "answer" and exact_match(t.answer, t.example.golden_answers)]
+    log.info("demonstrations: %d of %d scripted trajectories are complete", len(good), len(trajs))
     return good
 
 
