@@ -146,3 +146,20 @@ def test_miniwiki_refuses_missing_data_and_reserved_overrides(tmp_path):
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(SystemExit):
         miniwiki.main(["--data", "d", "--out", "o", "data.index=x"])
+
+
+# ------------------------------------------------------------------------------ experiments/plan_decision.py
+def test_plan_decision_reads_the_second_hop_probability_per_hop_count(tiny_model_dir):
+    from searchrl.data.world import generate_world
+
+    spec = importlib.util.spec_from_file_location("plan_decision", SCRIPT.parent / "plan_decision.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    world = generate_world(seed=1, n_entities=80)
+    questions = [q for q in world.questions if len(q.extra["hops"]) <= 2][:12]
+    out = probe.plan_decision(str(tiny_model_dir), questions)
+    assert sum(h["n"] for h in out["hops"].values()) == len(questions)
+    assert set(out["hops"]) == {len(q.extra["hops"]) for q in questions}
+    for h in out["hops"].values():
+        assert 0.0 <= h["p_more"] <= 1.0 and 0 <= h["over_half"] <= h["n"]
+    assert probe.main([str(tiny_model_dir.parent / "missing")]) == 1  # one error line, no traceback

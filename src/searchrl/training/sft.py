@@ -39,7 +39,8 @@ _RELATION_WORDS = {
 }
 
 
-def _need(relation: str, entity: str) -> str:
+def need_phrase(relation: str, entity: str) -> str:
+    """What a demonstration's thought says it must find: ``need_phrase("author", "X")`` = "who wrote X"."""
     return _RELATION_WORDS.get(relation, "the " + relation.replace("_", " ") + " of {e}").format(e=entity)
 
 
@@ -83,12 +84,12 @@ def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
     if style == "stepwise":
         return _stepwise_turns(hops)
     n = len(hops)
-    plan = ", then ".join(_need(h["relation"], hops[0]["entity"] if i == 0 else "the result")
+    plan = ", then ".join(need_phrase(h["relation"], hops[0]["entity"] if i == 0 else "the result")
                           for i, h in enumerate(hops))
     takes = "That takes 1 search." if n == 1 else f"That takes {n} searches."
     turns = [f"<think> I need to find {plan}. {takes} </think>\n<search> {hops[0]['query']} </search>"]
     for i in range(1, n):
-        need = _need(hops[i]["relation"], hops[i]["entity"])
+        need = need_phrase(hops[i]["relation"], hops[i]["entity"])
         turns.append(f"<think> The passage says {hops[i - 1]['answer']}. Search {i + 1} of {n}: I need to find "
                      f"{need}. </think>\n<search> {hops[i]['query']} </search>")
     answer = hops[-1]["answer"]
@@ -98,11 +99,11 @@ def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
 
 
 def _stepwise_turns(hops: list[dict]) -> list[str]:
-    turns = [f"<think> I need to find {_need(hops[0]['relation'], hops[0]['entity'])}. </think>\n"
+    turns = [f"<think> I need to find {need_phrase(hops[0]['relation'], hops[0]['entity'])}. </think>\n"
              f"<search> {hops[0]['query']} </search>"]
     for i in range(1, len(hops)):
         turns.append(f"<think> The passage says {hops[i - 1]['answer']}. The question asks "
-                     f"{_need(hops[i]['relation'], hops[i]['entity'])}, so I search again. </think>\n"
+                     f"{need_phrase(hops[i]['relation'], hops[i]['entity'])}, so I search again. </think>\n"
                      f"<search> {hops[i]['query']} </search>")
     answer = hops[-1]["answer"]
     turns.append(f"<think> The passage says {answer}, which answers the question. </think>\n<answer> {answer} </answer>")

@@ -1,0 +1,75 @@
+"""Where a warm-started model stands on the one decision RL has to learn: plan a second search or not.
+
+    python experiments/plan_decision.py MODEL [MODEL ...] [--limit 120] [--seed 0]
+
+The format warm-start's demonstrations (``warmstart.style=plan``) open with ``<think> I need to
+find <what hop 1 looks up>`` and then either end the plan (``. That takes 1 search.``) or go on to
+the next hop (``, then <what hop 2 looks up>. That takes 2 searches.``). For every held-out
+question of the embedded default's world this feeds the prompt and that opening (hop 1's wording,
+as the demonstrations write it) and reads the model's next-token probabilities: ``p_more`` =
+P(",") / (P(",") + P(".")), the chance that a sampled plan goes on to a second hop. Printed per
+model as one JSON line, by the question's hop count: the mean ``p_more``, how many questions have
+it above one half (what greedy decoding plans), and the count.
+
+What it is for: RL can only learn which questions need a second search from groups whose samples
+differ in that choice. A model with ``p_more`` near 0 on 2-hop questions gives RL nothing to
+compare (every sample searches once and fails alike); one near 1 on 2-hop and near 0 on 1-hop
+questions has little left to learn. It takes seconds per model, against minutes for an RL run.
+The probe forces the demonstrations' wording of hop 1; a model that words its plan otherwise
+decides elsewhere, so read it beside the evaluation's searches per question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def plan_decision(model_dir: str, questions: list, method: str = "search") -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from searchrl.rollout.prompts import build_prompt
+    from searchrl.training.sft import need_phrase
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    comma, stop = tok.encode(",", add_special_tokens=False)[-1], tok.encode(".", add_special_tokens=False)[-1]
+    by_hops: dict[int, list[float]] = {}
+    for q in questions:
+        hop = q.extra["hops"][0]
+        opening = "<think> I need to find " + need_phrase(hop["relation"], hop["entity"])
+        ids = build_prompt(tok, q.question, method) + tok.encode(opening, add_special_tokens=False)
+        with torch.no_grad():
+            p = model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+        by_hops.setdefault(len(q.extra["hops"]), []).append((p[comma] / (p[comma] + p[stop])).item())
+    return {"model": model_dir, "hops": {h: {"p_more": round(sum(v) / len(v), 3), "over_half": sum(x > 0.5 for x in v),
+                                             "n": len(v)} for h, v in sorted(by_hops.items())}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="model folders (e.g. a run's model/)")
+    p.add_argument("--limit", type=int, default=120, help="held-out questions (data.eval_limit)")
+    p.add_argument("--seed", type=int, default=0, help="the world's seed (data.world_seed)")
+    args = p.parse_args(argv)
+    from searchrl.config import apply_overrides
+    from searchrl.training.config import TrainConfig
+    from searchrl.training.pipeline import load_data
+
+    missing = [m for m in args.models if not (Path(m) / "config.json").is_file()]
+    if missing:
+        print(f"error: not a model folder (no config.json): {', '.join(missing)}", file=sys.stderr)
+        return 1
+    cfg = apply_overrides(TrainConfig(), [f"data.world_seed={args.seed}", f"data.eval_limit={args.limit}"])
+    _, held_out, _ = load_data(cfg)  # the questions `searchrl train` evaluates on
+    for m in args.models:
+        print(json.dumps(plan_decision(m, held_out)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
