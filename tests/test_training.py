@@ -186,6 +186,27 @@ def test_yaml_configs_in_repo_load(tmp_path):
         load_yaml_config(TrainConfig, bad)
 
 
+
+def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
+    """`rollout:` with two fields used to rebuild RolloutConfig from its class defaults (the paper's
+    4 turns of 500 tokens), dropping the embedded CPU budgets: configs/miniwiki.yaml ran ~3x slower."""
+    from pathlib import Path
+
+    from searchrl.training.config import CPU_ROLLOUT
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  temperature: 0.7\n  topk: 3\neval_rollout:\n  topk: 2\nalgo:\n")
+    cfg = load_yaml_config(TrainConfig, path, ["rollout.max_obs_tokens=320"])
+    assert (cfg.rollout.temperature, cfg.rollout.topk, cfg.rollout.max_obs_tokens) == (0.7, 3, 320)
+    for key in ("max_turns", "max_new_tokens_per_turn", "max_context_tokens"):
+        assert getattr(cfg.rollout, key) == CPU_ROLLOUT[key] == getattr(cfg.eval_rollout_config, key)
+    assert cfg.eval_rollout_config.topk == 2 and cfg.algo == TrainConfig().algo  # an empty section: the defaults
+    mw = load_yaml_config(TrainConfig, Path(__file__).parents[1] / "configs" / "miniwiki.yaml")
+    assert (mw.rollout.max_turns, mw.rollout.max_new_tokens_per_turn) == (CPU_ROLLOUT["max_turns"], 64)
+    path.write_text("rollout:\n  max_turnz: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_turnz: unknown field"):
+        load_yaml_config(TrainConfig, path)
+
 def test_sft_baseline_data_and_training_lower_the_loss(tiny_lm):
     from searchrl.training.sft import answer_sft_data, sft_train
 

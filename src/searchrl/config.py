@@ -192,13 +192,26 @@ def load_yaml_config(cls: type[T], path: str | Path | None, overrides: list[str]
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         try:
-            cfg = from_dict(cls, data)
+            cfg = from_dict(cls, _merged(to_dict(cls()), data))
         except ConfigError as e:
             line = _yaml_line(text, str(e).split(":", 1)[0])
             raise ConfigError(f"{p}:{line}: {e}" if line else f"{p}: {e}") from None
     else:
         cfg = from_dict(cls, data)
     return apply_overrides(cfg, overrides or [])
+
+
+def _merged(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``defaults``, section by section: a file that sets two fields of a section keeps
+    the defaults' other fields (which may differ from the section class's own: the embedded CPU
+    rollout budgets), instead of rebuilding the section from its class."""
+    out = dict(defaults)
+    for key, value in data.items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merged(out[key], value)
+        elif not (isinstance(out.get(key), dict) and value is None):  # an empty `section:` changes nothing
+            out[key] = value
+    return out
 
 
 def _yaml_line(text: str, dotted: str) -> int | None:
