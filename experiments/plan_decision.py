@@ -30,18 +30,17 @@ import torch
 
 
 def plan_decision(model_dir: str, questions: list, method: str = "search") -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from searchrl.models import load_model
     from searchrl.rollout.prompts import build_prompt
-    from searchrl.training.sft import need_phrase
+    from searchrl.training.sft import demo_turns, need_phrase
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tok = load_model(model_dir)
     comma, stop = tok.encode(",", add_special_tokens=False)[-1], tok.encode(".", add_special_tokens=False)[-1]
     by_hops: dict[int, list[float]] = {}
     for q in questions:
         hop = q.extra["hops"][0]
-        opening = "<think> I need to find " + need_phrase(hop["relation"], hop["entity"])
+        first_turn, need = demo_turns(q)[0], need_phrase(hop["relation"], hop["entity"])
+        opening = first_turn[: first_turn.index(need) + len(need)]  # the demonstration up to its decision
         ids = build_prompt(tok, q.question, method) + tok.encode(opening, add_special_tokens=False)
         with torch.no_grad():
             p = model(torch.tensor([ids])).logits[0, -1].float().softmax(-1)

@@ -186,7 +186,6 @@ def test_yaml_configs_in_repo_load(tmp_path):
         load_yaml_config(TrainConfig, bad)
 
 
-
 def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
     """`rollout:` with two fields used to rebuild RolloutConfig from its class defaults (the paper's
     4 turns of 500 tokens), dropping the embedded CPU budgets: configs/miniwiki.yaml ran ~3x slower."""
@@ -206,6 +205,7 @@ def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
     path.write_text("rollout:\n  max_turnz: 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_turnz: unknown field"):
         load_yaml_config(TrainConfig, path)
+
 
 def test_sft_baseline_data_and_training_lower_the_loss(tiny_lm):
     from searchrl.training.sft import answer_sft_data, sft_train

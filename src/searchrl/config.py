@@ -207,9 +207,11 @@ def _merged(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     rollout budgets), instead of rebuilding the section from its class."""
     out = dict(defaults)
     for key, value in data.items():
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
+        if not isinstance(out.get(key), dict):
+            out[key] = value
+        elif isinstance(value, dict):
             out[key] = _merged(out[key], value)
-        elif not (isinstance(out.get(key), dict) and value is None):  # an empty `section:` changes nothing
+        elif value is not None:  # (an empty `section:` changes nothing)
             out[key] = value
     return out
 
