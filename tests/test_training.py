@@ -221,6 +221,26 @@ def test_sft_baseline_data_and_training_lower_the_loss(tiny_lm):
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("schedule,expected", [("constant", [0.04] * 4), ("linear", [0.04, 0.03, 0.02, 0.01])])
+def test_sft_schedule_sets_each_steps_lr(tiny_lm, monkeypatch, schedule, expected):
+    from searchrl.training.sft import answer_sft_data, sft_train
+
+    model, tok = tiny_lm
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    data = answer_sft_data([QAExample("e0", "What is item 0", ["Gold0"])], tok)
+    sft_train(model, tok, data, steps=4, batch_size=1, lr=0.04, progress=False, schedule=schedule)
+    assert seen == pytest.approx(expected)
+    with pytest.raises(ValueError, match="schedule: one of constant, linear"):
+        sft_train(model, tok, data, steps=1, batch_size=1, lr=0.04, progress=False, schedule="cosine")
+
+
 def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
     from searchrl.data.world import generate_world
     from searchrl.retrieval.bm25 import BM25Retriever

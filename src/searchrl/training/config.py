@@ -18,7 +18,7 @@ from searchrl.models import AMP_MODES
 from searchrl.rewards import REWARD_KINDS
 from searchrl.rollout.loop import RolloutConfig
 from searchrl.training.distributed import STRATEGIES
-from searchrl.training.sft import DEMO_STYLES
+from searchrl.training.sft import DEMO_STYLES, LR_SCHEDULES
 
 
 # The embedded CPU default's rollout budgets: short turns and a short context keep a 2-core run in
@@ -159,6 +159,7 @@ class WarmStartConfig:
     steps: int = field(default=30, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off)"))
     batch_size: int = field(default=4, metadata=_h("demonstrations per warm-start step"))
     lr: float = field(default=5e-5, metadata=_h("warm-start learning rate"))
+    schedule: str = field(default="constant", metadata=_h("warm-start learning-rate schedule: constant | linear (decays to 0 over the steps)"))
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
     style: str = field(default="plan", metadata=_h("demonstrations' thoughts: plan (the first thought states how many searches the question takes) | stepwise (after each search, whether the question is answered yet)"))
 
@@ -166,6 +167,7 @@ class WarmStartConfig:
         check(self.steps >= 0, "warmstart.steps", "must be >= 0")
         check(self.batch_size >= 1, "warmstart.batch_size", "must be >= 1")
         check(self.lr > 0, "warmstart.lr", "must be > 0")
+        check(self.schedule in LR_SCHEDULES, "warmstart.schedule", f"one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
         check(self.style in DEMO_STYLES, "warmstart.style", f"one of {', '.join(DEMO_STYLES)}, got {self.style!r}")
 
 

@@ -156,7 +156,8 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
-                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp)
+                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp,
+                       schedule=cfg.warmstart.schedule)
     if models.dist.main:
         _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
     # The reference is the model RL starts from: a copy of the warm-started weights, or (LoRA) the

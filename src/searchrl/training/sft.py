@@ -45,6 +45,7 @@ def need_phrase(relation: str, entity: str) -> str:
 
 
 DEMO_STYLES = ("plan", "stepwise")
+LR_SCHEDULES = ("constant", "linear")
 
 
 def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
@@ -175,10 +176,13 @@ def sft_loss(model: torch.nn.Module, trajs: list[Trajectory], pad_id: int, devic
 
 def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], steps: int,
               batch_size: int, lr: float, micro_batch_size: int = 8, seed: int = 0,
-              grad_clip: float = 1.0, progress: bool = True, amp: torch.dtype | None = None) -> list[float]:
+              grad_clip: float = 1.0, progress: bool = True, amp: torch.dtype | None = None,
+              schedule: str = "constant") -> list[float]:
     """``steps`` AdamW steps of SFT over ``trajs`` (cycled in seeded order); returns the losses.
 
-    ``amp``: autocast dtype for the forward passes (see :func:`searchrl.models.amp_dtype`)."""
+    ``amp``: autocast dtype for the forward passes (see :func:`searchrl.models.amp_dtype`).
+    ``schedule``: ``constant`` keeps ``lr``; ``linear`` decays it to 0 over the steps (step k of
+    n runs at ``lr * (n - k) / n``), so the last few small batches weigh less in the final weights."""
     from searchrl.models import amp_context
 
     if not trajs:
@@ -186,7 +190,11 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     params = [p for p in model.parameters() if p.requires_grad]
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule: one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
     opt = torch.optim.AdamW(params, lr=lr)
+    factor = (lambda k: (steps - k) / steps) if schedule == "linear" else (lambda k: 1.0)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
@@ -207,6 +215,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        decay.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum)
     return losses
