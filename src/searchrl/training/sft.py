@@ -193,7 +193,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"schedule: one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
     opt = torch.optim.AdamW(params, lr=lr)
-    factor = (lambda k: (steps - k) / steps) if schedule == "linear" else (lambda k: 1.0)
+    factor = (lambda k: (steps - k) / max(steps, 1)) if schedule == "linear" else (lambda k: 1.0)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     rng = random.Random(seed)
     order: list[int] = []
