@@ -163,3 +163,28 @@ def test_plan_decision_reads_the_second_hop_probability_per_hop_count(tiny_model
     for h in out["hops"].values():
         assert 0.0 <= h["p_more"] <= 1.0 and 0 <= h["over_half"] <= h["n"]
     assert probe.main([str(tiny_model_dir.parent / "missing")]) == 1  # one error line, no traceback
+
+
+# ------------------------------------------------------------------------------ experiments/group_votes.py
+def test_group_votes_tabulates_sampled_rewards_and_group_votes_by_hop_count(tiny_model_dir):
+    from searchrl.config import apply_overrides
+    from searchrl.data.world import generate_world
+    from searchrl.retrieval.bm25 import BM25Retriever
+    from searchrl.training.config import TrainConfig
+
+    spec = importlib.util.spec_from_file_location("group_votes", SCRIPT.parent / "group_votes.py")
+    gv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gv)
+    assert gv.vote([(1, 1.0), (2, 0.0), (2, 0.0)]) == "fewer" and gv.vote([(2, 1.0), (1, 0.0)]) == "more"
+    assert gv.vote([(2, 1.0), (2, 0.0)]) == "other" and gv.vote([(1, 0.0), (2, 0.0)]) == "inert"
+    world = generate_world(seed=1, n_entities=80)
+    questions = gv.draw(world.questions, 6, seed=0)
+    assert sorted(len(q.extra["hops"]) for q in questions) == [1, 1, 1, 2, 2, 2]
+    cfg = apply_overrides(TrainConfig(), ["rollout.max_new_tokens_per_turn=16", "rollout.max_turns=1"])
+    out = gv.group_votes(str(tiny_model_dir), questions, BM25Retriever.build(world.passages, show_progress=False),
+                         cfg, samples=2)
+    assert set(out["votes"]) == {1, 2}
+    assert all(sum(v.values()) == 3 for v in out["votes"].values())  # every group votes once
+    assert sum(c["n"] for d in out["reward_by_searches"].values() for c in d.values()) == 12  # 6 questions x 2
+    assert gv.main([str(tiny_model_dir.parent / "missing")]) == 1
+    assert gv.main([str(tiny_model_dir), "rollout.top_p=2"]) == 1  # a bad override: one error line
