@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4, help="rollouts per question (algo.group_size)")
     p.add_argument("--seed", type=int, default=0, help="which questions are drawn")
     p.add_argument("overrides", nargs="*", help="searchrl train overrides (KEY=VALUE)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
     from searchrl.config import apply_overrides
     from searchrl.errors import SearchRLError
     from searchrl.training.config import TrainConfig

@@ -187,4 +187,4 @@ def test_group_votes_tabulates_sampled_rewards_and_group_votes_by_hop_count(tiny
     assert all(sum(v.values()) == 3 for v in out["votes"].values())  # every group votes once
     assert sum(c["n"] for d in out["reward_by_searches"].values() for c in d.values()) == 12  # 6 questions x 2
     assert gv.main([str(tiny_model_dir.parent / "missing")]) == 1
-    assert gv.main([str(tiny_model_dir), "rollout.top_p=2"]) == 1  # a bad override: one error line
+    assert gv.main([str(tiny_model_dir), "--questions", "2", "rollout.top_p=2"]) == 1  # a bad override after an option
