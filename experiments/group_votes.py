@@ -58,17 +58,15 @@ def group_votes(model_dir: str, questions: list, retriever, cfg, samples: int) -
                          batch_size=cfg.rollout_batch_size, method=cfg.method, progress=False)
     reward_cfg = RewardConfig(kind=cfg.algo.reward)
     by_searches: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    groups: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    hops_of: dict[str, int] = {}
+    groups: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)  # (hops, question id)
     for t in trajs:
         r = compute_reward(t, t.example, reward_cfg)
         hops = len(t.example.extra["hops"])
         by_searches[hops][t.num_searches].append(r)
-        groups[t.example.id].append((t.num_searches, r))
-        hops_of[t.example.id] = hops
+        groups[(hops, t.example.id)].append((t.num_searches, r))
     votes: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("fewer", "more", "inert", "other"), 0))
-    for qid, g in groups.items():
-        votes[hops_of[qid]][vote(g)] += 1
+    for (hops, _), g in groups.items():
+        votes[hops][vote(g)] += 1
     return {"model": model_dir,
             "reward_by_searches": {h: {s: {"n": len(v), "reward": round(sum(v) / len(v), 3)} for s, v in sorted(d.items())}
                                    for h, d in sorted(by_searches.items())},
