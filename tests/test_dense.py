@@ -39,17 +39,13 @@ PASSAGES = [Passage(str(i), t, x) for i, (t, x) in enumerate(DOCS)]
 
 
 @pytest.fixture(scope="module")
-def flat(minilm_encoder):
+def flat(minilm_encoder, tmp_path_factory):
     shards = [np.ascontiguousarray(minilm_encoder.encode_passages([p.contents for p in PASSAGES]))]
-    index, info = _index_from_arrays(shards, minilm_encoder.dim, "flat")
+    index, info = _index_from_arrays(shards, minilm_encoder.dim, "flat", tmp_path_factory.mktemp("flat"))
     return DenseRetriever(minilm_encoder, index, PASSAGES, info)
 
 
-def _index_from_arrays(arrays, dim, kind, tmp=None, **kw):
-    import tempfile
-    from pathlib import Path
-
-    d = Path(tmp or tempfile.mkdtemp())
+def _index_from_arrays(arrays, dim, kind, d, **kw):
     paths = []
     for i, a in enumerate(arrays):
         np.save(d / f"s{i}.npy", a)

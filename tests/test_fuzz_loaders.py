@@ -33,8 +33,24 @@ field_names = st.sampled_from(["id", "contents", "title", "text", "question", "g
 record = st.dictionaries(field_names, json_value, min_size=1, max_size=5)
 
 
+_SCRATCH: list[Path] = []  # this module's scratch root, set by _scratch_root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_root(tmp_path_factory):
+    """One folder for every example's files (hypothesis forbids function-scoped tmp_path), under
+    pytest's own temporary root, which it prunes: examples used to leave a mkdtemp folder each in /tmp."""
+    _SCRATCH[:] = [tmp_path_factory.mktemp("fuzz")]
+    yield
+    _SCRATCH.clear()
+
+
+def _scratch(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0]))
+
+
 def _tmpfile(data: bytes, name: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="searchrl-fuzz-"))
+    d = _scratch("file-")
     path = d / name
     path.write_bytes(data)
     return path
@@ -221,7 +237,7 @@ def bm25_index(tmp_path_factory):
 def _copy_index(src: Path) -> Path:
     import shutil
 
-    dst = Path(tempfile.mkdtemp(prefix="searchrl-fuzz-idx-")) / "index"
+    dst = _scratch("index-") / "index"
     shutil.copytree(src, dst)
     return dst
 
