@@ -226,3 +226,24 @@ def test_reward_config_errors_name_the_field():
         RewardConfig({"em": 1.0, "rouge": 1.0})
     with pytest.raises(ConfigError, match="reward.kind"):
         RewardConfig({})
+
+
+def test_search_cost_scales_only_rewarded_answers_by_their_extra_searches():
+    search, info = "<think>a</think><search>q</search>", "<information>Doc 1 <search>x</search></information>"
+    answer = "<think>b</think><answer>Paris</answer>"
+    cfg = RewardConfig("em", search_cost=0.3)
+    for searches, want in [(0, 1.0), (1, 1.0), (2, 0.7), (3, 0.4), (4, 0.1), (5, 0.0)]:
+        t = _traj([search] * searches + [answer], [info] * searches + [""])
+        assert t.num_searches == searches
+        assert compute_reward(t, ["Paris"], cfg) == pytest.approx(want), searches
+        # the string path counts the model's search blocks, never one inside inserted text
+        assert compute_reward(t.response_text, ["Paris"], cfg) == pytest.approx(want), searches
+        assert compute_reward(t, ["Lyon"], cfg) == 0.0  # a wrong answer pays nothing, however it searched
+    # a partial reward shrinks in proportion; a format reward for a wrong answer too
+    two = _traj([search, search, "<think>b</think><answer>Paris France</answer>"], [info, info, ""])
+    assert compute_reward(two, ["Paris"], RewardConfig("f1", search_cost=0.5)) == pytest.approx(2 / 3 * 0.5)
+    assert compute_reward(two, ["Lyon"], RewardConfig("format", search_cost=0.5)) == pytest.approx(0.2 * 0.5)
+    assert compute_reward(t, ["Paris"], RewardConfig("em")) == 1.0  # off by default (t: five searches)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="search_cost"):
+            RewardConfig("em", search_cost=bad)

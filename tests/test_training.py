@@ -13,7 +13,7 @@ from searchrl.training.batch import collate, response_logprobs
 from searchrl.training.config import TrainConfig
 from searchrl.training.models import build_models
 from searchrl.training.trainer import DataSampler, Trainer
-from searchrl.types import Passage, QAExample, Trajectory
+from searchrl.types import Passage, QAExample, Trajectory, Turn
 
 
 class EchoRetriever:
@@ -156,12 +156,25 @@ def test_trainer_draws_balanced_hops_when_asked(tiny_lm, tmp_path):
     assert all(0 in tr.sampler.next(2) for _ in range(4))  # the one 2-hop question is half of every draw
 
 
+def test_trainer_scores_with_the_search_cost(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    cfg = apply_overrides(TrainConfig(), [f"out={tmp_path / 'run'}", "algo.search_cost=0.25"])
+    bundle = build_models(cfg.model, need_reference=False, need_critic=False, model=model, tokenizer=tok)
+    ex = QAExample("e0", "q0", ["Paris"])
+    tr = Trainer(cfg, bundle, EchoRetriever(), [ex])
+    turns = [Turn(text="<search>q</search>", action="search", observation="<information>x</information>")] * 2
+    trajs = [Trajectory(example=ex, prompt_ids=[1], turns=[*turns[:n], Turn(text=f"<answer>{a}</answer>", action="answer")])
+             for n, a in [(1, "Paris"), (2, "Paris"), (2, "Rome")]]
+    assert tr.score(trajs).tolist() == [1.0, 0.75, 0.0]
+
+
 @pytest.mark.parametrize("override,field", [
     ("algo.estimator=nope", "algo.estimator"),
     ("micro_batch_size=3", "mini_batch_size"),
     ("optim.lr=-1", "optim.lr"),
     ("algo.kl_estimator=k9", "algo.kl_estimator"),
     ("rollout.top_p=1.5", "rollout.top_p"),
+    ("algo.search_cost=2", "algo.search_cost"),
     ("steps=ten", "steps"),
     ("algo.colour=red", "algo.colour"),
     ("model.dtype=float8", "model.dtype"),

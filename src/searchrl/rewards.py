@@ -14,6 +14,10 @@ blocks, the response must read ``think (search information think)* answer`` wher
 kinds, ``information`` contents contain no ``<information>`` tag; no other text may appear
 outside the blocks (so inserted corrective feedback makes a response invalid).
 
+An optional search cost (``RewardConfig.search_cost``, off by default as in the paper) scales a
+rewarded answer down for each search after the first: among right answers, fewer searches win, while
+a wrong answer stays at its reward whatever it searched (so groups that all fail stay inert).
+
 Left out: rewards computed from token log-probs or a learned model, and reward placement on
 tokens (the trainer puts the scalar on the last generated token).
 """
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from searchrl.errors import ConfigError
-from searchrl.tags import ANY_TAG, extract_answer, information_text
+from searchrl.tags import ANY_TAG, block_pattern, extract_answer, information_text, strip_information
 
 if TYPE_CHECKING:
     from searchrl.types import QAExample, Trajectory
@@ -212,7 +216,8 @@ class RewardConfig:
     """Which reward to compute.
 
     ``kind`` is one of ``em``, ``subem``, ``f1``, ``format``, or a mapping ``{kind: weight}``
-    whose weighted sum is the reward (e.g. ``{"em": 1.0, "format": 0.5}``). The other fields
+    whose weighted sum is the reward (e.g. ``{"em": 1.0, "format": 0.5}``). ``search_cost``: a
+    positive reward is multiplied by ``max(0, 1 - search_cost * (searches - 1))``. The other fields
     parametrise :func:`format_reward`.
     """
 
@@ -220,8 +225,11 @@ class RewardConfig:
     structure_score: float = 0.2
     invalid_score: float = 0.1
     retrieval_bonus: float = 0.0
+    search_cost: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.search_cost <= 1.0:
+            raise ConfigError(f"reward.search_cost: must be in [0, 1], got {self.search_cost}")
         for name in self.weights:
             if name not in REWARD_KINDS:
                 raise ConfigError(
@@ -253,6 +261,9 @@ def compute_reward(
     >>> cfg = RewardConfig(kind={"f1": 1.0, "format": 0.5})
     >>> compute_reward("<answer>Paris France</answer>", "Paris", cfg)
     0.7166666666666667
+    >>> two = "<think>a</think><search>q</search><search>r</search><answer>Paris</answer>"
+    >>> compute_reward(two, "Paris", RewardConfig(search_cost=0.25)), compute_reward(two, "Rome", RewardConfig(search_cost=0.25))
+    (0.75, 0.0)
     """
     cfg = cfg or RewardConfig()
     golds = example if isinstance(example, (str, list, tuple)) else example.golden_answers
@@ -278,4 +289,10 @@ def compute_reward(
                 answer=answer,
             )
         total += weight * value
+    if cfg.search_cost and total > 0:
+        if isinstance(trajectory_or_text, str):
+            searches = len(block_pattern(("search",)).findall(strip_information(text)))
+        else:
+            searches = trajectory_or_text.num_searches
+        total *= max(0.0, 1.0 - cfg.search_cost * max(0, searches - 1))
     return total

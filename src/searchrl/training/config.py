@@ -111,6 +111,7 @@ class AlgoConfig:
     lam: float = field(default=1.0, metadata=_h("GAE lambda"))
     mask_retrieved: bool = field(default=True, metadata=_h("mask inserted (retrieved) tokens out of every loss; False = the paper's ablation"))
     reward: str = field(default="em", metadata=_h(f"reward: {' | '.join(REWARD_KINDS)}"))
+    search_cost: float = field(default=0.0, metadata=_h("a rewarded answer loses this fraction of its reward per search after the first (0 = the paper)"))
 
     def __post_init__(self) -> None:
         check(self.estimator in ADVANTAGE_ESTIMATORS, "algo.estimator", f"unknown {self.estimator!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -127,6 +128,7 @@ class AlgoConfig:
               "a loss, or keep k1 with algo.kl_in_reward=true")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algo.gamma", "gamma and lam must be in [0, 1]")
         check(self.reward in REWARD_KINDS, "algo.reward", f"unknown {self.reward!r}; valid: {list(REWARD_KINDS)}")
+        check(0 <= self.search_cost <= 1, "algo.search_cost", "must be in [0, 1]")
 
     @property
     def needs_critic(self) -> bool:

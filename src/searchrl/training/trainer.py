@@ -120,7 +120,7 @@ class Trainer:
                                                       betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_optimizer, _warmup_lambda(oc.critic_warmup_steps))
-        self.reward_cfg = RewardConfig(kind=cfg.algo.reward)
+        self.reward_cfg = RewardConfig(kind=cfg.algo.reward, search_cost=cfg.algo.search_cost)
         self.step_idx = 0
         self.nonfinite_in_a_row = 0
         self.dist = models.dist
