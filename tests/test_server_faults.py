@@ -253,11 +253,26 @@ def test_workers_share_one_port_and_a_dead_worker_is_replaced(index):
         kids = parent.children()
         assert len(kids) == 2
         kids[0].kill()
-        deadline = time.time() + 30
-        while time.time() < deadline and (len(parent.children()) < 2 or kids[0].pid in
-                                          [c.pid for c in parent.children()]):
+
+        def live_workers() -> list[int]:
+            # one snapshot per look: two separate children() calls can straddle the reaping of the
+            # killed worker's zombie (counted by the first, gone from the second) and pass too early
+            pids = []
+            for c in parent.children():
+                try:
+                    if c.status() != psutil.STATUS_ZOMBIE:
+                        pids.append(c.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            return pids
+
+        deadline = time.time() + 60
+        pids = live_workers()
+        while time.time() < deadline and (len(pids) < 2 or kids[0].pid in pids):
             time.sleep(0.1)
-        assert len(parent.children()) == 2 and "starting another" in srv.log()
+            pids = live_workers()
+        assert len(pids) == 2 and kids[0].pid not in pids, (pids, srv.log()[-2000:])
+        assert "starting another" in srv.log()
         row = soak.run_soak([srv.url], clients=4, seconds=2, warmup=0.2)
         assert row["errors"] == 0, row["first_error"]
     finally:
