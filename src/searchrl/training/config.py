@@ -79,7 +79,7 @@ class DataConfig:
     retriever_url: str | None = field(default=None, metadata=_h("a running /retrieve server instead of an in-process index (several: comma-separated, round-robin with failover)"))
     retriever_wait: float = field(default=60.0, metadata=_h("seconds to keep retrying an unreachable retrieval server before the run stops"))
     train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))
-    eval_limit: int = field(default=120, metadata=_h("evaluate on at most this many questions per set (0 = all); 120 by default, so that a 0.10 gain on the synthetic world is not noise"))
+    eval_limit: int = field(default=120, metadata=_h("evaluate on at most this many questions per set (0 = all); the default 120 keeps a 0.10 gain on the synthetic world out of the noise"))
     balance_hops: bool = field(default=False, metadata=_h("draw each step's questions equally from each hop count (when every training question has one, as in the synthetic world)"))
     max_hops: int = field(default=2, metadata=_h("keep questions with at most this many hops (when known, as in the synthetic world; 0 = all)"))
 
