@@ -132,3 +132,24 @@ def test_failed_write_from_monkeypatched_save_cleans_up(tmp_path, monkeypatch):
         save_checkpoint(run, 2, torch.nn.Linear(8, 8), None, {})
     assert _names(list_checkpoints(run)) == ["step-000000", "step-000001"]
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_final_model_export_on_a_full_disk_is_a_clear_error_and_keeps_the_earlier_export(tmp_path):
+    from types import SimpleNamespace
+
+    from searchrl.training.pipeline import export_model
+
+    class FullDisk:
+        def save_pretrained(self, folder, state_dict=None):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+
+    earlier = tmp_path / "model"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    models = SimpleNamespace(policy=FullDisk(), uses_lora=False, tokenizer=None)
+    with pytest.raises(SearchRLError, match=r"model .*No space left on device; [0-9,]+ MB free.*--resume"):
+        export_model(models, earlier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no model.tmp left behind
+    assert (earlier / "config.json").read_text() == "{}"

@@ -196,7 +196,9 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
     """Save the trained policy as a plain transformers folder (LoRA merged) for ``--model PATH``.
 
     Under FSDP ``state`` holds the policy's full parameters (:meth:`ModelBundle.export_state`),
-    saved through an empty (meta-device) instance of the policy's architecture."""
+    saved through an empty (meta-device) instance of the policy's architecture. A failed write
+    (a full disk) removes its partial folder and raises :class:`SearchRLError`; an earlier export at
+    ``path`` is left as it was."""
     policy = models.policy
     if state is not None:
         from transformers import AutoModelForCausalLM
@@ -206,8 +208,17 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
     elif models.uses_lora:
         policy = policy.merge_and_unload()
     tmp = path.with_name(path.name + ".tmp")
-    policy.save_pretrained(tmp, state_dict=state)
-    models.tokenizer.save_pretrained(tmp)
+    try:
+        policy.save_pretrained(tmp, state_dict=state)
+        models.tokenizer.save_pretrained(tmp)
+    except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError or SafetensorError
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise SearchRLError(f"could not write the trained model to {path} ({getattr(e, 'strerror', None) or e}; "
+                            f"{free:,.0f} MB free on its disk): the run's checkpoints are intact, free some space "
+                            "and rerun with --resume to write it") from e
     if path.exists():
         import shutil
 
