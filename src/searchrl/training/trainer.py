@@ -131,8 +131,12 @@ class Trainer:
         # rollouts sampled from: softmax(logits / T) (T = 1 for greedy rollouts, as the sampler).
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         if cfg.rollout.top_p < 1.0:
-            log.warning("rollout.top_p=%s: the trainer's log-probs (PPO ratio, KL, entropy) use the whole "
-                        "temperature-scaled distribution, not the top-p truncated one", cfg.rollout.top_p)
+            # with one on-policy optimiser step per RL step and no KL or entropy term, the ratio is 1 and
+            # only the policy gradient's log pi remains: the tokens the nucleus cut are never pushed down
+            off_policy = cfg.ppo_epochs > 1 or cfg.mini_batch_size < cfg.trajectories_per_step
+            (log.warning if off_policy or cfg.algo.kl_coef > 0 or cfg.algo.entropy_coef > 0 else log.info)(
+                "rollout.top_p=%s: the trainer's log-probs (PPO ratio, KL, entropy) use the whole "
+                "temperature-scaled distribution, not the top-p truncated one", cfg.rollout.top_p)
 
     # ------------------------------------------------------------------ stages
     def rollout(self, examples: list[QAExample], stats: RolloutStats) -> list[Trajectory]:
