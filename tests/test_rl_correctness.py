@@ -363,3 +363,20 @@ def test_a_step_whose_rows_are_all_inert_still_measures_the_drift_and_moves_noth
     # measured (these hand-made rows carry sampler log-probs of 0, so the value itself is large)
     assert math.isfinite(out["logprob_drift"]) and out["logprob_drift"] > 0 and out["grad_norm"] == 0.0
     assert all(torch.equal(p, before[n]) for n, p in tr.models.policy.named_parameters())
+
+
+def test_default_samples_within_top_p_and_warns_only_where_the_truncation_matters(tiny_lm, tmp_path, caplog):
+    assert (TrainConfig().rollout.temperature, TrainConfig().rollout.top_p) == (1.0, 0.7)
+    assert TrainConfig().eval_rollout_config.top_p == 1.0  # evaluation stays greedy over the whole distribution
+
+    def levels(*overrides: str) -> set[str]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="searchrl.training.trainer"):
+            make_trainer(tiny_lm, tmp_path / str(len(overrides)) / "_".join(overrides), *overrides)
+        return {r.levelname for r in caplog.records if "top-p truncated" in r.getMessage()}
+
+    assert levels() == {"INFO"}  # one on-policy step, no KL or entropy term: the ratio is exactly 1
+    assert levels("ppo_epochs=2") == {"WARNING"}
+    assert levels("algo.kl_coef=0.01") == {"WARNING"}
+    assert levels("algo.entropy_coef=0.01") == {"WARNING"}
+    assert levels("rollout.top_p=1.0") == set()
