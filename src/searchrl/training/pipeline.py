@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -212,16 +213,12 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
         policy.save_pretrained(tmp, state_dict=state)
         models.tokenizer.save_pretrained(tmp)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError or SafetensorError
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(path.parent).free / 2**20
         raise SearchRLError(f"could not write the trained model to {path} ({getattr(e, 'strerror', None) or e}; "
                             f"{free:,.0f} MB free on its disk): the run's checkpoints are intact, free some space "
                             "and rerun with --resume to write it") from e
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
