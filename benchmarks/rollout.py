@@ -136,6 +136,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-obs-tokens", type=int, default=CPU_ROLLOUT["max_obs_tokens"])
     ap.add_argument("--max-context", type=int, default=CPU_ROLLOUT["max_context_tokens"])
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus of the sampled rollouts (the embedded default trains at 0.7)")
     ap.add_argument("--kv-reuse", choices=("on", "off", "both"), default="both")
     ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                     help="bf16 compute over fp32 weights, as the trainer's model.amp (auto: where native)")
@@ -178,13 +179,13 @@ def main() -> None:
     retriever = BM25Retriever.build(load_corpus(world / "corpus.jsonl"), show_progress=False)
     cfg = RolloutConfig(max_turns=args.max_turns, topk=args.topk, max_new_tokens_per_turn=args.max_new_tokens,
                         max_obs_tokens=args.max_obs_tokens, max_context_tokens=args.max_context,
-                        temperature=args.temperature, seed=0)
+                        temperature=args.temperature, top_p=args.top_p, seed=0)
     base = {"model": name, "device": args.device, "dtype": dtype,
             "amp": str(amp).replace("torch.", "") if amp else "off",
             "amp_copy": bool(amp) and args.amp_copy == "on", "batch": args.batch, "questions": len(questions),
             "max_turns": cfg.max_turns, "topk": cfg.topk, "max_new_tokens_per_turn": cfg.max_new_tokens_per_turn,
             "max_obs_tokens": cfg.max_obs_tokens, "temperature": cfg.temperature,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            "top_p": cfg.top_p, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
 
     def sync():
         if args.device.startswith("cuda"):
@@ -223,7 +224,7 @@ def main() -> None:
         raw = HFGenerator(model, tok, eos_token_ids=[], kv_reuse=reuse, amp=amp,
                           amp_copy=args.amp_copy == "on")
         prompts = [build_prompt(tok, q.question) for q in questions]
-        sampling = SamplingParams(max_new_tokens=per_row, temperature=cfg.temperature, seed=1)
+        sampling = SamplingParams(max_new_tokens=per_row, temperature=cfg.temperature, top_p=cfg.top_p, seed=1)
         raw.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=cfg.temperature, seed=1))  # warm-up
         raw.reset_cache()
         timer.attach(raw.generation_model())

@@ -345,3 +345,31 @@ def test_greedy_on_cuda_matches_cpu(tiny_lm, prompts):
     gpu = HFGenerator(model, tok).generate(prompts, GREEDY)
     assert [c.token_ids for c in gpu] == [c.token_ids for c in cpu]
     assert all(len(c.token_ids) == 8 for c in sampled) and isinstance(sampled[0], Completion)
+
+
+def test_nucleus_from_the_top_k_equals_the_full_sort_and_samples_the_same_tokens():
+    from searchrl.rollout.engine.sampling import NUCLEUS_FIRST_K, nucleus
+
+    def full_sort(probs, top_p):  # the definition: sort everything, keep tokens with < top_p mass before them
+        p, order = probs.sort(dim=-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, p)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 5000
+    # peaked rows (a nucleus of a few tokens), flat ones (more than NUCLEUS_FIRST_K tokens: k grows) and
+    # a uniform one (k reaches the whole vocabulary)
+    logits = torch.cat([torch.randn(6, vocab, generator=g) * 12, torch.randn(3, vocab, generator=g) * 0.5,
+                        torch.zeros(1, vocab)])
+    probs = torch.softmax(logits, -1)
+    for top_p in (0.3, 0.7, 0.95):
+        p, ids = nucleus(probs, top_p)
+        assert p.shape[1] > NUCLEUS_FIRST_K  # the flat rows made it look further
+        got, want = torch.zeros_like(probs).scatter_(-1, ids, p), full_sort(probs, top_p)
+        torch.testing.assert_close(got[:-1], want[:-1], atol=0, rtol=0)
+        # the uniform row is all ties: which tokens come first is the sort's choice, how many is not
+        assert int((got[-1] > 0).sum()) == int((want[-1] > 0).sum()) >= top_p * vocab
+        tokens, _ = sample_next(logits, SamplingParams(temperature=1.0, top_p=top_p), torch.Generator().manual_seed(1))
+        u = torch.rand(probs.shape, generator=torch.Generator().manual_seed(1))
+        expected = (full_sort(probs, top_p) / -u.log()).argmax(-1)  # the race over the whole vocabulary
+        assert torch.equal(tokens[:-1], expected[:-1])
