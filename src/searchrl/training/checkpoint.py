@@ -136,6 +136,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_problem(error: BaseException, folder: Path) -> str:
+    """What went wrong with a write into ``folder``, with the free space on its disk (torch reports
+    a full disk as "unexpected pos N vs M", so the free space is what names it)."""
+    return f"{getattr(error, 'strerror', None) or error}; {shutil.disk_usage(folder).free / 2**20:,.0f} MB free on its disk"
+
+
 def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
                     critic: torch.nn.Module | None, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically; ``state`` holds optimiser/scheduler/sampler states."""
@@ -150,10 +156,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         prev = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
-        # torch reports a full disk as "unexpected pos N vs M": name the free space
-        free = f"; {shutil.disk_usage(root).free / 2**20:,.0f} MB free on its disk"
-        raise SearchRLError(f"could not write checkpoint step {step} in {root} "
-                            f"({getattr(e, 'strerror', None) or e}{free}): {kept}") from e
+        raise SearchRLError(f"could not write checkpoint step {step} in {root} ({write_problem(e, root)}): {kept}") from e
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

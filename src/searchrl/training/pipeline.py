@@ -213,11 +213,11 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
         policy.save_pretrained(tmp, state_dict=state)
         models.tokenizer.save_pretrained(tmp)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError or SafetensorError
+        from searchrl.training.checkpoint import write_problem
+
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(path.parent).free / 2**20
-        raise SearchRLError(f"could not write the trained model to {path} ({getattr(e, 'strerror', None) or e}; "
-                            f"{free:,.0f} MB free on its disk): the run's checkpoints are intact, free some space "
-                            "and rerun with --resume to write it") from e
+        raise SearchRLError(f"could not write the trained model to {path} ({write_problem(e, path.parent)}): the "
+                            "run's checkpoints are intact, free some space and rerun with --resume to write it") from e
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

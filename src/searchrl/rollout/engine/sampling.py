@@ -78,12 +78,13 @@ def _pick(
         logp = torch.log_softmax(logits, dim=-1)  # (b, V)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / sampling.temperature, dim=-1)  # (b, V)
-    if sampling.top_p >= 1.0:
-        tokens = (logp.exp() / u.log_().neg_()).argmax(dim=-1)  # (b,): p_i / E_i, E_i = -log U_i
-    else:  # the same race over the nucleus only (every other token has p = 0 and cannot win)
-        probs, ids = nucleus(logp.exp(), sampling.top_p)  # (b, k), (b, k)
-        race = probs / u.gather(-1, ids).log_().neg_()  # (b, k)
-        tokens = ids.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)  # (b,)
+    probs, ids = logp.exp(), None  # (b, V)
+    if sampling.top_p < 1.0:  # race over the nucleus only: every other token has p = 0 and cannot win
+        probs, ids = nucleus(probs, sampling.top_p)  # (b, k), (b, k)
+        u = u.gather(-1, ids)
+    tokens = (probs / u.log_().neg_()).argmax(dim=-1)  # (b,): p_i / E_i, E_i = -log U_i
+    if ids is not None:
+        tokens = ids.gather(-1, tokens[:, None]).squeeze(-1)  # nucleus column -> token id
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -98,8 +99,8 @@ def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
     Sorting all 49k tokens of 32 rows took ~150 ms on one CPU thread (random logits; ~16 ms a
     decode step in a real rollout, ~7 % of the loop), so the k most likely tokens are taken first
     (``topk``: ~4 ms) and k grows only while some row's k tokens hold less than ``top_p`` of the
-    mass: a token past them has at least that much mass before it, so it is
-    outside the nucleus. The result is the full sort's, k columns of it.
+    mass: a token past them has at least that much mass before it, so it is outside the nucleus.
+    The result is the full sort's, k columns of it.
 
     >>> p, ids = nucleus(torch.tensor([[0.1, 0.5, 0.15, 0.25]]), 0.7)
     >>> p.tolist(), ids.tolist()
