@@ -83,14 +83,34 @@ def test_greedy_tokens_and_logprobs_equal_the_hf_backend(engines, tiny_tokenizer
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=TOL)
 
 
-def test_sampled_logprobs_are_at_the_rollout_temperature(engines, tiny_tokenizer):
+def test_sampled_logprobs_at_temperature_1_are_the_policys_whatever_the_top_p(engines, tiny_tokenizer):
+    """The RL setting (the default trains at top-p 0.7): the whole distribution's log-probs, as the
+    HF backend and the trainer compute them, not the nucleus-renormalised ones."""
     gen, _, model = engines
+    assert gen.logprobs_mode == "raw_logprobs"
+    prompts = _prompts(tiny_tokenizer, 4)
+    out = gen.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.7, seed=1))
+    for p, c in zip(prompts, out):
+        assert torch.allclose(torch.tensor(c.logprobs), _teacher_forced(model, p, c.token_ids, 1.0), atol=TOL)
+
+
+def test_sampled_logprobs_at_another_temperature_are_tempered(model_dir, tiny_tokenizer, caplog):
+    """An engine built for temperature 0.7 reports softmax(logits / 0.7) log-probs; asked for top-p
+    < 1 it warns (vLLM's tempered values are then renormalised over the nucleus)."""
+    from searchrl.rollout.engine.vllm_backend import VLLMGenerator
+
+    gen = VLLMGenerator(str(model_dir), temperature=0.7, dtype="float32", max_model_len=1024)
+    model = _tiny(tiny_tokenizer)
     prompts = _prompts(tiny_tokenizer, 4)
     out = gen.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0.7, seed=1))
     for p, c in zip(prompts, out):
         got = torch.tensor(c.logprobs)
         assert torch.allclose(got, _teacher_forced(model, p, c.token_ids, 0.7), atol=TOL)
         assert not torch.allclose(got, _teacher_forced(model, p, c.token_ids, 1.0), atol=TOL)
+    assert "nucleus" not in caplog.text
+    gen.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9, seed=1))
+    assert "renormalised over the top-p 0.9 nucleus" in caplog.text
+    del gen
 
 
 def test_stop_strings_and_eos_match_the_hf_backend(engines, tiny_tokenizer):
@@ -225,7 +245,8 @@ def test_train_with_the_vllm_backend_end_to_end(model_dir, tmp_path):
     assert "LLM engine" in res.stdout + res.stderr  # the rollouts ran on vLLM (its log)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(steps) == 2
-    # the engine's log-probs are the policy's, at the rollout temperature, within float tolerance
+    # the engine's log-probs are the policy's (the default's temperature 1, before its top-p 0.7),
+    # within float tolerance
     assert all(0.0 <= s["logprob_drift"] < 1e-4 for s in steps), steps
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
@@ -302,7 +323,10 @@ def test_train_on_two_ranks_with_the_vllm_backend(model_dir, tmp_path):
            "prompts_per_step=2", "algo.group_size=2", "mini_batch_size=4", "micro_batch_size=2",
            "data.world_entities=60", "data.eval_limit=2", "eval_before=false", "report=false",
            "warmstart.steps=0", "rollout.max_turns=2", "rollout.max_new_tokens_per_turn=16",
-           "rollout.min_turn_tokens=8", "eval_rollout.max_turns=1", "eval_rollout.max_new_tokens_per_turn=16"]
+           "rollout.min_turn_tokens=8", "eval_rollout.max_turns=1", "eval_rollout.max_new_tokens_per_turn=16",
+           # the single-rank test runs the default's temperature 1 and top-p 0.7 (vLLM's raw log-probs);
+           # this one another temperature at top-p 1 (its processed, tempered log-probs)
+           "rollout.temperature=0.7", "rollout.top_p=1.0"]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     logs = res.stdout + res.stderr

@@ -44,15 +44,15 @@ class ModelBundle:
     dist: Dist = field(default_factory=Dist)
     gen_model: torch.nn.Module | None = None  # FSDP: an unsharded local copy that generates
 
-    def generator(self, cfg: ModelConfig | None = None) -> Any:
+    def generator(self, cfg: ModelConfig | None = None, temperature: float = 1.0) -> Any:
         """An :class:`~searchrl.rollout.engine.hf.HFGenerator` over the policy (under FSDP, over its
         local unsharded copy), with these precision settings; with ``cfg.backend == "vllm"`` a
         vLLM engine over ``cfg.name`` instead (its weights follow the policy through
-        :meth:`weight_sync`)."""
+        :meth:`weight_sync`), reporting log-probs at the rollouts' ``temperature``."""
         from searchrl.rollout.engine.hf import HFGenerator
 
         if cfg is not None and cfg.backend == "vllm":
-            return vllm_generator(cfg, self.amp)
+            return vllm_generator(cfg, self.amp, temperature)
         model = self.gen_model if self.gen_model is not None else self.policy
         return HFGenerator(model, self.tokenizer, amp=self.amp, amp_copy=self.amp_copy)
 
@@ -143,14 +143,16 @@ def generation_copy(model: torch.nn.Module, amp: torch.dtype | None) -> torch.nn
     return gen
 
 
-def vllm_generator(cfg: ModelConfig, amp: torch.dtype | None) -> Any:
+def vllm_generator(cfg: ModelConfig, amp: torch.dtype | None, temperature: float = 1.0) -> Any:
     """A vLLM engine over ``cfg.name`` with the ``model.vllm_*`` settings, computing in bf16 when
-    the policy's generation would (``amp``), else in ``cfg.dtype``. Under torchrun each rank gets
-    its own engine in its own process and device (``vllm_backend.parallel_kwargs``)."""
+    the policy's generation would (``amp``), else in ``cfg.dtype``, its log-probs at the rollouts'
+    ``temperature``. Under torchrun each rank gets its own engine in its own process and device
+    (``vllm_backend.parallel_kwargs``)."""
     from searchrl.rollout.engine.factory import make_generator
 
     kwargs: dict[str, Any] = dict(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                  tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep)
+                                  tensor_parallel_size=cfg.vllm_tensor_parallel_size, sleep=cfg.vllm_sleep,
+                                  temperature=temperature)
     if cfg.vllm_max_model_len:
         kwargs["max_model_len"] = cfg.vllm_max_model_len
     dtype = "bfloat16" if amp == torch.bfloat16 else cfg.dtype

@@ -315,7 +315,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     log.info("data: %d training questions, %d evaluation questions", len(train), len(evals))
     models = build_models(cfg.model, need_reference=cfg.algo.kl_coef > 0, need_critic=cfg.algo.needs_critic,
                           dist=dist, parallel=cfg.parallel)
-    generator = models.generator(cfg.model)  # model.backend: the policy itself, or a vLLM engine
+    # model.backend: the policy itself, or a vLLM engine (its log-probs at the rollouts' temperature)
+    generator = models.generator(cfg.model, cfg.rollout.temperature)
     trainer = Trainer(cfg, models, retriever, train, generator=generator, sync_weights=models.weight_sync(generator))
     resumed = _start(cfg, trainer, train, retriever, out, resume)
     before_path = out / "eval_before.json"

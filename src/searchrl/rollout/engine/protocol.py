@@ -6,10 +6,10 @@ text contains one of them (the stop string is kept, the tokens are exactly as sa
 that ends in the middle of a token keeps that whole token).
 
 Log-probs are the sampled tokens' log-probabilities under the raw model's
-``softmax(logits / temperature)`` (temperature 1 when greedy), before any top-p truncation (vLLM
-runs with ``processed_logprobs``: the same, except that with top-p < 1 they are those of the
-truncated distribution): with the RL settings
-(temperature 1, top-p 1) every backend returns the policy's own log-probabilities.
+``softmax(logits / temperature)`` (temperature 1 when greedy), before any top-p truncation: at
+temperature 1 (the RL setting) every backend returns the policy's own log-probabilities. (vLLM's
+engine has one log-prob mode, chosen for the temperature it is built for; at another temperature
+with top-p < 1 its values are those of the truncated distribution, with a warning.)
 
 A backend may keep state across calls that depends on the weights (the ``hf`` backend keeps KV
 caches): it then also implements :class:`ResettableGenerator` (``reset_cache()``), and callers

@@ -8,11 +8,14 @@ differ). vLLM's finish reasons map to ours: ``length`` -> ``"length"``; ``stop``
 stop reason -> ``"stop"``; ``stop`` on an EOS / stop token -> ``"eos"``. ``Completion.text`` is
 decoded from the token ids here, as in the HF backend.
 
-**Log-probs**: the engine runs with ``logprobs_mode="processed_logprobs"`` (unless told
-otherwise): the sampled token's log-prob under ``softmax(logits / T)``, i.e. at the rollout
-temperature, the distribution the trainer recomputes (greedy rows: ``T = 1``), so the
-sampler-vs-trainer drift measures numerics only. Unlike the HF backend, with ``top_p < 1``
-vLLM's processed values are those of the truncated, renormalised distribution.
+**Log-probs**: the sampled token's log-prob under ``softmax(logits / T)`` at the rollout
+temperature ``T``, before any top-p truncation, as the HF backend returns it and the trainer
+recomputes it (greedy rows: ``T = 1``), so the sampler-vs-trainer drift measures numerics only.
+vLLM's mode is one per engine, so it is chosen from the temperature the engine is built for
+(``temperature``, :func:`logprobs_mode`): at ``T`` = 1 (the RL setting; also greedy decoding)
+``raw_logprobs``, the model's own distribution, exact at any top-p; at another ``T``
+``processed_logprobs``, which vLLM computes after the temperature *and* the top-p truncation
+(renormalised over the nucleus), so exact only at ``top_p = 1`` (a warning says so otherwise).
 
 **Continuous batching**: :meth:`VLLMGenerator.stream` returns a
 :class:`~searchrl.rollout.engine.vllm_stream.VLLMStream` over the engine's own scheduler (requests
@@ -180,19 +183,50 @@ def _check_torchrun_env() -> None:
                             "unset): start the job with torchrun or searchrl train --nproc N")
 
 
-def engine_defaults(engine_kwargs: dict[str, Any], on_cpu: bool) -> dict[str, Any]:
-    """``engine_kwargs`` with searchrl's defaults filled in (see the module docstring): tempered
-    log-probs; on CPU no chunked prefill (vLLM then makes a step's token budget at least
-    ``max_model_len``) and eager mode (no compilation at start).
+def logprobs_mode(temperature: float) -> str:
+    """vLLM's ``logprobs_mode`` whose values are ``log_softmax(logits / temperature)`` before top-p
+    (module docstring): the raw ones at temperature 1 (or 0: greedy rows report ``T = 1``), the
+    tempered (and, at ``top_p < 1``, truncated) ones otherwise.
+
+    >>> logprobs_mode(1.0), logprobs_mode(0.0), logprobs_mode(0.7)
+    ('raw_logprobs', 'raw_logprobs', 'processed_logprobs')
+    """
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+
+
+def logprob_caveat(mode: str, sampling: SamplingParams) -> str | None:
+    """How the log-probs an engine in ``mode`` returns for ``sampling`` differ from
+    ``log_softmax(logits / T)`` before top-p (None: they do not, or the mode is the user's).
+
+    >>> logprob_caveat("raw_logprobs", SamplingParams(8, temperature=1.0, top_p=0.7)) is None
+    True
+    >>> logprob_caveat("raw_logprobs", SamplingParams(8, temperature=0.5))
+    'they are at temperature 1, this request samples at 0.5'
+    >>> logprob_caveat("processed_logprobs", SamplingParams(8, temperature=0.5, top_p=0.9))
+    'they are renormalised over the top-p 0.9 nucleus'
+    """
+    if sampling.greedy:
+        return None
+    if mode == "raw_logprobs" and sampling.temperature != 1.0:
+        return f"they are at temperature 1, this request samples at {sampling.temperature}"
+    if mode == "processed_logprobs" and sampling.top_p < 1.0:
+        return f"they are renormalised over the top-p {sampling.top_p} nucleus"
+    return None
+
+
+def engine_defaults(engine_kwargs: dict[str, Any], on_cpu: bool, temperature: float = 1.0) -> dict[str, Any]:
+    """``engine_kwargs`` with searchrl's defaults filled in (see the module docstring): log-probs at
+    ``temperature`` (:func:`logprobs_mode`); on CPU no chunked prefill (vLLM then makes a step's
+    token budget at least ``max_model_len``) and eager mode (no compilation at start).
 
     >>> kw = engine_defaults({"max_model_len": 4096}, on_cpu=True)
     >>> kw["logprobs_mode"], kw["enable_chunked_prefill"], kw["enforce_eager"]
-    ('processed_logprobs', False, True)
-    >>> sorted(engine_defaults({}, on_cpu=False))
-    ['logprobs_mode']
+    ('raw_logprobs', False, True)
+    >>> engine_defaults({}, on_cpu=False, temperature=0.7)
+    {'logprobs_mode': 'processed_logprobs'}
     """
     kw = dict(engine_kwargs)
-    kw.setdefault("logprobs_mode", "processed_logprobs")
+    kw.setdefault("logprobs_mode", logprobs_mode(temperature))
     if on_cpu:
         kw.setdefault("enable_chunked_prefill", False)
         kw.setdefault("enforce_eager", True)
@@ -271,12 +305,15 @@ class VLLMGenerator:
     ``engine_kwargs`` go to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``,
     ``tensor_parallel_size``, ``max_model_len``, ``enable_prefix_caching``...), after
     :func:`engine_defaults`. ``sleep``: sleep between rollouts (GPU only; module docstring).
+    ``temperature``: the sampling temperature whose log-probs the engine reports (module
+    docstring; requests at another temperature get a warning, once).
     """
 
     can_stream = True
     prefers_stream = True  # vLLM's scheduler is a continuous batcher
 
-    def __init__(self, model_path: str | None = None, sleep: bool = False, **engine_kwargs: Any):
+    def __init__(self, model_path: str | None = None, sleep: bool = False, temperature: float = 1.0,
+                 **engine_kwargs: Any):
         try:
             import vllm
         except ImportError as e:
@@ -294,7 +331,8 @@ class VLLMGenerator:
         self.model_path = resolve_model_path(model_path)
         self._vllm = vllm
         world = torch_world()
-        kwargs = parallel_kwargs(engine_defaults(engine_kwargs, on_cpu), world)
+        kwargs = parallel_kwargs(engine_defaults(engine_kwargs, on_cpu, temperature), world)
+        self.logprobs_mode, self.temperature, self._warned = kwargs["logprobs_mode"], temperature, False
         if world > 1 and kwargs["distributed_executor_backend"] == "external_launcher":
             _check_torchrun_env()
             log.info("vLLM: an engine in this process (rank %s of %d, external_launcher)",
@@ -310,8 +348,13 @@ class VLLMGenerator:
 
     # ---- requests -----------------------------------------------------------------------------
     def check(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
-        """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range)."""
+        """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range); warn
+        once when the engine's log-probs are not this request's (:func:`logprob_caveat`)."""
         check_request(prompts, sampling, self.vocab_size)
+        caveat = logprob_caveat(self.logprobs_mode, sampling)
+        if caveat and not self._warned:
+            self._warned = True
+            log.warning("vLLM log-probs: %s (sampler-vs-trainer logprob_drift then includes that)", caveat)
 
     def request_params(
         self, sampling: SamplingParams, stop: list[str] | None, index: int, final_only: bool = False
