@@ -305,8 +305,8 @@ class VLLMGenerator:
     ``engine_kwargs`` go to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``,
     ``tensor_parallel_size``, ``max_model_len``, ``enable_prefix_caching``...), after
     :func:`engine_defaults`. ``sleep``: sleep between rollouts (GPU only; module docstring).
-    ``temperature``: the sampling temperature whose log-probs the engine reports (module
-    docstring; requests at another temperature get a warning, once).
+    ``temperature``: the sampling temperature the engine's log-prob mode is chosen for (module
+    docstring); a request whose log-probs that mode cannot give gets a warning, once.
     """
 
     can_stream = True
@@ -332,7 +332,7 @@ class VLLMGenerator:
         self._vllm = vllm
         world = torch_world()
         kwargs = parallel_kwargs(engine_defaults(engine_kwargs, on_cpu, temperature), world)
-        self.logprobs_mode, self.temperature, self._warned = kwargs["logprobs_mode"], temperature, False
+        self.logprobs_mode, self._warned = kwargs["logprobs_mode"], False
         if world > 1 and kwargs["distributed_executor_backend"] == "external_launcher":
             _check_torchrun_env()
             log.info("vLLM: an engine in this process (rank %s of %d, external_launcher)",
