@@ -26,6 +26,31 @@ def test_model_backend_fields_are_checked():
             ModelConfig(**bad)
 
 
+def test_the_shipped_configs_rollouts_get_exact_vllm_logprobs():
+    """Every shipped training config samples where a vLLM engine built for its rollout temperature
+    returns the policy's own log-probs (so ``logprob_drift`` stays numerics only): a new default
+    temperature / top-p that vLLM cannot report exactly fails here, in the main suite, not only in
+    the vLLM lane (which caught top-p 0.7 under the old fixed mode)."""
+    from pathlib import Path
+
+    from searchrl.rollout.engine.protocol import SamplingParams
+    from searchrl.rollout.engine.vllm_backend import logprob_caveat, logprobs_mode
+    from searchrl.config import load_yaml_config
+    from searchrl.training.config import TrainConfig
+
+    configs = {"default": TrainConfig()}
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        configs[path.name] = load_yaml_config(TrainConfig, path)
+    assert len(configs) >= 3
+    for name, cfg in configs.items():
+        r = cfg.rollout
+        sampling = SamplingParams(r.max_new_tokens_per_turn, r.temperature, r.top_p)
+        assert logprob_caveat(logprobs_mode(r.temperature), sampling) is None, (name, r.temperature, r.top_p)
+    # and it can fail: the previous fixed mode at the default's top-p
+    d = configs["default"].rollout
+    assert logprob_caveat("processed_logprobs", SamplingParams(8, 0.5, d.top_p)) is not None
+
+
 def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch, tiny_lm):
     from searchrl.training.models import ModelBundle
 
