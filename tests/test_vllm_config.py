@@ -33,9 +33,9 @@ def test_the_shipped_configs_rollouts_get_exact_vllm_logprobs():
     the vLLM lane (which caught top-p 0.7 under the old fixed mode)."""
     from pathlib import Path
 
+    from searchrl.config import load_yaml_config
     from searchrl.rollout.engine.protocol import SamplingParams
     from searchrl.rollout.engine.vllm_backend import logprob_caveat, logprobs_mode
-    from searchrl.config import load_yaml_config
     from searchrl.training.config import TrainConfig
 
     configs = {"default": TrainConfig()}

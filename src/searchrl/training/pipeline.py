@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from searchrl.config import to_dict
 from searchrl.errors import SearchRLError
 from searchrl.runlock import hold_run_lock
+from searchrl.training.checkpoint import list_checkpoints, write_problem
 from searchrl.training.config import TrainConfig
 from searchrl.training.signals import StopOnSignal
 from searchrl.types import QAExample
@@ -213,8 +214,6 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
         policy.save_pretrained(tmp, state_dict=state)
         models.tokenizer.save_pretrained(tmp)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError or SafetensorError
-        from searchrl.training.checkpoint import write_problem
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise SearchRLError(f"could not write the trained model to {path} ({write_problem(e, path.parent)}): the "
                             "run's checkpoints are intact, free some space and rerun with --resume to write it") from e
@@ -240,7 +239,6 @@ def _open_run_dir(cfg: TrainConfig, out: Path, resume: bool, dist) -> None:
 
 def _start(cfg: TrainConfig, trainer, train: list[QAExample], retriever, out: Path, resume: bool) -> bool:
     """Resume from the newest checkpoint, or warm-start and save step 0; True when resumed."""
-    from searchrl.training.checkpoint import list_checkpoints
     from searchrl.training.models import load_base_weights
 
     models = trainer.models

@@ -351,8 +351,7 @@ class VLLMGenerator:
         """Raise a clear error for a bad budget, top-p or prompt (empty, ids out of range); warn
         once when the engine's log-probs are not this request's (:func:`logprob_caveat`)."""
         check_request(prompts, sampling, self.vocab_size)
-        caveat = logprob_caveat(self.logprobs_mode, sampling)
-        if caveat and not self._warned:
+        if not self._warned and (caveat := logprob_caveat(self.logprobs_mode, sampling)):  # a stream checks each row
             self._warned = True
             log.warning("vLLM log-probs: %s (sampler-vs-trainer logprob_drift then includes that)", caveat)
 
