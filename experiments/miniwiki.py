@@ -8,7 +8,8 @@
 
 1. ``index``: BM25 over the corpus (``searchrl index``);
 2. ``warmstart``: the config's format warm-start (demonstrations from the synthetic world: the real
-   questions carry no hop chains) and its evaluation on the test sets = the agent before RL
+   questions carry no hop chains; a quarter of them comparisons of two entities, as 2Wiki and
+   HotpotQA ask, ``warmstart.comparisons``) and its evaluation on the test sets = the agent before RL
    (``searchrl train steps=0``), with its model folder;
 3. ``rl``: RL on the NQ + HotpotQA training questions from that model, evaluated after RL on the
    same questions, its "before" evaluation being the warm-start's;

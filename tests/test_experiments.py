@@ -126,6 +126,7 @@ def test_miniwiki_runs_rl_and_baselines_from_one_warm_start(tmp_path, tiny_model
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     ws, rl = out / "warmstart", out / "rl"
+    assert json.loads((ws / "warmstart.json").read_text())["comparisons"] == 2  # the config's quarter of 8
     assert (rl / "eval_before_trajectories.jsonl").read_bytes() == (ws / "eval_after_trajectories.jsonl").read_bytes()
     for run in ("rl", "rag", "direct"):
         cfg = (out / run / ("config.yaml" if run == "rl" else "eval_config.json")).read_text()

@@ -271,6 +271,31 @@ def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
         assert info and "<information>" in tiny_tokenizer.decode([d.response_ids[i] for i in info])
 
 
+def test_comparison_demonstrations_search_both_entities_and_answer_the_comparison(tiny_tokenizer):
+    from searchrl.data.world import generate_world
+    from searchrl.data.world_comparisons import comparison_questions
+    from searchrl.retrieval.bm25 import BM25Retriever
+    from searchrl.rollout.config import RolloutConfig
+    from searchrl.training.sft import demonstrations
+
+    world = generate_world(seed=1, n_entities=200)
+    retriever = BM25Retriever.build(world.passages, show_progress=False)
+    questions = comparison_questions(world.questions, 12, seed=0)
+    for style in ("plan", "stepwise"):
+        demos = demonstrations(questions, tiny_tokenizer, retriever, RolloutConfig(), limit=12, style=style)
+        assert len(demos) == 12  # every scripted comparison ends with its gold answer
+        for d in demos:
+            a, b = d.example.extra["hops"]
+            assert [t.query for t in d.turns if t.action == "search"] == [a["query"], b["query"]]
+            assert d.answer == d.example.golden_answers[0]
+
+
+def test_warmstart_comparisons_is_a_share():
+    assert apply_overrides(TrainConfig(), ["warmstart.comparisons=0.25"]).warmstart.comparisons == 0.25
+    with pytest.raises(ConfigError, match="warmstart.comparisons"):
+        apply_overrides(TrainConfig(), ["warmstart.comparisons=1.5"])
+
+
 def test_sft_mode_needs_direct_method():
     with pytest.raises(ConfigError, match="method"):
         apply_overrides(TrainConfig(), ["mode=sft"])

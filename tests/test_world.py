@@ -317,3 +317,48 @@ def test_normalize_matches_squad_rules():
     assert normalize("The Lantern of Velmor, a Tale!") == "lantern of velmor tale"
     assert contains_answer('"Skor Press"\nPublished by Skor Press.', "skor press")
     assert not contains_answer("Skorpress is here", "Skor Press")
+
+
+# ------------------------------------------------------------------------------ comparison questions
+def test_comparison_questions_take_their_answers_from_the_two_facts():
+    from searchrl.data.world_comparisons import YEAR_QUESTIONS, comparison_questions, known_facts
+
+    world = generate_world(seed=2, n_entities=300)
+    train = [q for q in world.questions if q.split == "train"]
+    facts = {(h["entity"], h["relation"]): h["answer"] for rel in known_facts(train).values() for h in rel}
+    qs = comparison_questions(train, 40, seed=3)
+    assert len(qs) == 40 and len({q.id for q in qs}) == 40
+    kinds = Counter(q.extra["compare"] for q in qs)
+    assert kinds == {"earlier": 10, "later": 10, "same": 20}
+    assert Counter(q.golden_answers[0] for q in qs if q.extra["compare"] == "same") == {"yes": 10, "no": 10}
+    pairs = set()
+    for q in qs:
+        a, b = q.extra["hops"]
+        assert a["relation"] == b["relation"] and a["entity"] != b["entity"] and q.extra["num_hops"] == 2
+        assert a["entity"] in q.question and b["entity"] in q.question
+        assert facts[a["entity"], a["relation"]] == a["answer"] and facts[b["entity"], b["relation"]] == b["answer"]
+        gold = q.golden_answers[0]
+        if q.extra["compare"] == "same":
+            assert gold == ("yes" if a["answer"] == b["answer"] else "no")
+        else:
+            assert a["relation"] in YEAR_QUESTIONS and a["answer"] != b["answer"]
+            years = {a["entity"]: int(a["answer"]), b["entity"]: int(b["answer"])}
+            want = min(years, key=years.get) if q.extra["compare"] == "earlier" else max(years, key=years.get)
+            assert gold == want
+        pairs.add((q.extra["compare"], a["relation"], frozenset((a["entity"], b["entity"]))))
+    assert len(pairs) == 40  # no pair asked twice
+    assert [q.question for q in comparison_questions(train, 40, seed=3)] == [q.question for q in qs]
+    assert [q.question for q in comparison_questions(train, 40, seed=4)] != [q.question for q in qs]
+
+
+def test_comparison_questions_stop_when_the_facts_run_out():
+    from searchrl.data.world_comparisons import comparison_questions
+    from searchrl.types import QAExample
+
+    hop = {"entity": "Dawn", "relation": "release_year", "answer": "1990", "query": "Dawn released"}
+    assert comparison_questions([QAExample("0", "q", ["1990"], extra={"hops": [hop]})], 5) == []  # one fact
+    assert comparison_questions([QAExample("0", "q", ["x"])], 5) == []  # no hop chains
+    two = [QAExample(str(i), "q", [y], extra={"hops": [{**hop, "entity": e, "answer": y}]})
+           for i, (e, y) in enumerate([("Dawn", "1990"), ("Dusk", "1975")])]
+    assert {q.golden_answers[0] for q in comparison_questions(two, 5)} == {"Dusk", "Dawn"}  # earlier, later
+    assert len(comparison_questions(two, 5)) == 2

@@ -10,7 +10,11 @@ never revisit an entity and the answer never appears in the question text. Each 
 own generator (``(seed, index)``), plus the set of walks already asked, so the output is
 deterministic.
 
-Left out: comparison, intersection and yes/no questions, and paraphrase variants of one question.
+Comparisons of two entities ("Which came out first, A or B?", "Were A and B born in the same
+city?") are built from these hop records by :mod:`searchrl.data.world_comparisons` (for warm-start
+demonstrations, not part of the world's question file).
+
+Left out: intersection questions, and paraphrase variants of one question.
 """
 
 from __future__ import annotations

@@ -166,6 +166,7 @@ class WarmStartConfig:
     schedule: str = field(default="constant", metadata=_h("warm-start learning-rate schedule: constant | linear (decays to 0 over the steps)"))
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
     style: str = field(default="plan", metadata=_h("demonstrations' thoughts: plan (the first thought states how many searches the question takes) | stepwise (after each search, whether the question is answered yet)"))
+    comparisons: float = field(default=0.0, metadata=_h("share of the demonstrations that compare two entities (which came first; do they share a value: yes / no), built from the hop chains' facts; real multi-hop sets such as 2Wiki ask mostly these"))
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "warmstart.steps", "must be >= 0")
@@ -173,6 +174,7 @@ class WarmStartConfig:
         check(self.lr > 0, "warmstart.lr", "must be > 0")
         check(self.schedule in LR_SCHEDULES, "warmstart.schedule", f"one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
         check(self.style in DEMO_STYLES, "warmstart.style", f"one of {', '.join(DEMO_STYLES)}, got {self.style!r}")
+        check(0.0 <= self.comparisons <= 1.0, "warmstart.comparisons", "must be in [0, 1]")
 
 
 @dataclass

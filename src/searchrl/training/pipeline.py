@@ -153,15 +153,23 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
             pool = _within_hops(pool, cfg.data.max_hops)
         demo_retriever = bm25_over(corpus_path)
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
-    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=cfg.warmstart.examples, seed=cfg.seed,
-                           method=cfg.method, style=cfg.warmstart.style)
+    w = cfg.warmstart
+    n_compare = round(w.examples * w.comparisons)
+    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=cfg.seed,
+                           method=cfg.method, style=w.style)
+    if n_compare:
+        from searchrl.data.world_comparisons import comparison_questions
+
+        compare = comparison_questions(pool, n_compare, seed=cfg.seed)
+        demos += demonstrations(compare, tok, demo_retriever, cfg.rollout, limit=n_compare, seed=cfg.seed,
+                                method=cfg.method, style=w.style)
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
-    losses = sft_train(models.policy, tok, demos, cfg.warmstart.steps, cfg.warmstart.batch_size,
-                       cfg.warmstart.lr, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, amp=models.amp,
-                       schedule=cfg.warmstart.schedule)
+    losses = sft_train(models.policy, tok, demos, w.steps, w.batch_size, w.lr, micro_batch_size=cfg.micro_batch_size,
+                       seed=cfg.seed, amp=models.amp, schedule=w.schedule)
     if models.dist.main:
-        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "losses": losses})
+        compared = sum(1 for d in demos if d.example.extra.get("compare"))
+        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "comparisons": compared, "losses": losses})
     # The reference is the model RL starts from: a copy of the warm-started weights, or (LoRA) the
     # base with the warm-start adapter folded in, saved since LoRA checkpoints hold adapters only.
     if models.reference is not None:

@@ -82,6 +82,8 @@ def demo_turns(example: QAExample, style: str = "plan") -> list[str] | None:
     hops = example.extra.get("hops") if example.extra else None
     if not hops:
         return None
+    if example.extra.get("compare"):
+        return _comparison_turns(hops, example.extra["compare"], example.golden_answers[0], style)
     if style == "stepwise":
         return _stepwise_turns(hops)
     n = len(hops)
@@ -108,6 +110,42 @@ def _stepwise_turns(hops: list[dict]) -> list[str]:
                      f"<search> {hops[i]['query']} </search>")
     answer = hops[-1]["answer"]
     turns.append(f"<think> The passage says {answer}, which answers the question. </think>\n<answer> {answer} </answer>")
+    return turns
+
+
+def _comparison_turns(hops: list[dict], kind: str, answer: str, style: str) -> list[str]:
+    """A comparison's demonstration (see :mod:`searchrl.data.world_comparisons`): one search per
+    entity, then the two values compared.
+
+    >>> hop = lambda e, a: {"entity": e, "relation": "release_year", "answer": a, "query": f"{e} released"}
+    >>> for turn in _comparison_turns([hop("Dawn", "1990"), hop("Dusk", "1975")], "earlier", "Dusk", "plan"):
+    ...     print(turn)
+    <think> I need to find when Dawn came out and when Dusk came out, then compare them. That takes 2 searches. </think>
+    <search> Dawn released </search>
+    <think> The passage says 1990. Search 2 of 2: I need to find when Dusk came out. </think>
+    <search> Dusk released </search>
+    <think> The passage says 1975. 1975 is earlier than 1990, so the answer is Dusk. </think>
+    <answer> Dusk </answer>
+    """
+    a, b = hops
+    need_a, need_b = need_phrase(a["relation"], a["entity"]), need_phrase(b["relation"], b["entity"])
+    va, vb = a["answer"], b["answer"]
+    if kind == "same":
+        verdict = f"Both are {va}" if va == vb else f"{va} and {vb} are different"
+    else:
+        first, second = (va, vb) if (answer == a["entity"]) else (vb, va)
+        verdict = f"{first} is {'earlier' if kind == 'earlier' else 'later'} than {second}"
+    if style == "stepwise":
+        turns = [f"<think> I need to find {need_a}. </think>\n<search> {a['query']} </search>",
+                 f"<think> The passage says {va}. The question also asks {need_b}, so I search again. </think>\n"
+                 f"<search> {b['query']} </search>"]
+    else:
+        turns = [f"<think> I need to find {need_a} and {need_b}, then compare them. That takes 2 searches. </think>\n"
+                 f"<search> {a['query']} </search>",
+                 f"<think> The passage says {va}. Search 2 of 2: I need to find {need_b}. </think>\n"
+                 f"<search> {b['query']} </search>"]
+    turns.append(f"<think> The passage says {vb}. {verdict}, so the answer is {answer}. </think>\n"
+                 f"<answer> {answer} </answer>")
     return turns
 
 
