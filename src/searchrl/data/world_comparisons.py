@@ -23,7 +23,6 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from searchrl.data.world_graph import YEAR_RELATIONS
 from searchrl.types import QAExample
 
 COMPARE_KINDS = ("earlier", "later", "same")
