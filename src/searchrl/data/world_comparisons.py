@@ -87,8 +87,7 @@ def comparison_questions(examples: list[QAExample], n: int, seed: int = 0, split
     tries = n_year = n_same = 0
     while len(out) < n and (year_rels or same_rels) and tries < 50 * max(n, 1):
         tries += 1
-        want_year = (len(out) % 2 == 0 and year_rels) or not same_rels
-        if want_year:
+        if (len(out) % 2 == 0 and year_rels) or not same_rels:
             rel = rng.choice(year_rels)
             a, b = rng.sample(facts[rel], 2)
             if a["answer"] == b["answer"] or not (a["answer"].isdigit() and b["answer"].isdigit()):
@@ -115,7 +114,10 @@ def comparison_questions(examples: list[QAExample], n: int, seed: int = 0, split
         if key in asked:
             continue
         asked.add(key)
-        n_year, n_same = (n_year + 1, n_same) if kind != "same" else (n_year, n_same + 1)
+        if kind == "same":
+            n_same += 1
+        else:
+            n_year += 1
         extra = {"answerable": True, "num_hops": 2, "compare": kind, "hops": [dict(a), dict(b)]}
         out.append(QAExample(f"compare{seed}-{len(out)}", text.format(a=a["entity"], b=b["entity"]), [answer],
                              split, "world-compare", extra))
