@@ -254,6 +254,33 @@ def test_sft_schedule_sets_each_steps_lr(tiny_lm, monkeypatch, schedule, expecte
         sft_train(model, tok, data, steps=1, batch_size=1, lr=0.04, progress=False, schedule="cosine")
 
 
+
+@pytest.mark.parametrize("average_last,averaged_steps", [(0, [4]), (1, [4]), (3, [2, 3, 4]), (9, [0, 1, 2, 3, 4])])
+def test_sft_average_last_ends_with_the_mean_of_the_last_steps_weights(tiny_lm, monkeypatch, average_last,
+                                                                       averaged_steps):
+    from searchrl.training.sft import answer_sft_data, sft_train
+
+    model, tok = tiny_lm
+    for p in model.parameters():
+        p.requires_grad_(True)
+    after_step: list[list[torch.Tensor]] = []  # every weight after each optimiser step
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        after_step.append([p.detach().clone() for p in model.parameters()])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    data = answer_sft_data([QAExample(f"e{i}", f"What is item {i}", [f"Gold{i}"]) for i in range(3)], tok)
+    sft_train(model, tok, data, steps=5, batch_size=2, lr=0.02, progress=False, average_last=average_last)
+    assert len(after_step) == 5
+    for i, p in enumerate(model.parameters()):
+        mean = torch.stack([after_step[k][i] for k in averaged_steps]).mean(0)
+        torch.testing.assert_close(p.detach(), mean, rtol=1e-5, atol=1e-6)
+    # the steps really moved the weights, so the mean differs from the last step's unless only it counts
+    moved = any(not torch.allclose(a, b) for a, b in zip(after_step[2], after_step[4]))
+    assert moved
 def test_demonstrations_replay_hop_chains_through_the_loop(tiny_tokenizer):
     from searchrl.data.world import generate_world
     from searchrl.retrieval.bm25 import BM25Retriever

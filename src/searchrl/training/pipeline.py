@@ -166,7 +166,7 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     losses = sft_train(models.policy, tok, demos, w.steps, w.batch_size, w.lr, micro_batch_size=cfg.micro_batch_size,
-                       seed=cfg.seed, amp=models.amp, schedule=w.schedule)
+                       seed=cfg.seed, amp=models.amp, schedule=w.schedule, average_last=w.average_last)
     if models.dist.main:
         compared = sum(1 for d in demos if d.example.extra.get("compare"))
         _write_json(out / "warmstart.json", {"demonstrations": len(demos), "comparisons": compared, "losses": losses})

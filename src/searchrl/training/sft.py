@@ -208,19 +208,22 @@ def sft_loss(model: torch.nn.Module, trajs: list[Trajectory], pad_id: int, devic
              normalizer: float) -> torch.Tensor:
     """Summed next-token NLL over sampled (mask 1) response tokens, divided by ``normalizer``."""
     b = collate(trajs, pad_id).to(device)
-    logp, _ = response_logprobs(model, b)  # [B, R]
+    logp, _ = response_logprobs(model, b, mask=b.loss_mask)  # [B, R]; the LM head on loss tokens only
     return -(logp * b.loss_mask).sum() / normalizer
 
 
 def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], steps: int,
               batch_size: int, lr: float, micro_batch_size: int = 8, seed: int = 0,
               grad_clip: float = 1.0, progress: bool = True, amp: torch.dtype | None = None,
-              schedule: str = "constant") -> list[float]:
+              schedule: str = "constant", average_last: int = 0) -> list[float]:
     """``steps`` AdamW steps of SFT over ``trajs`` (cycled in seeded order); returns the losses.
 
     ``amp``: autocast dtype for the forward passes (see :func:`searchrl.models.amp_dtype`).
     ``schedule``: ``constant`` keeps ``lr``; ``linear`` decays it to 0 over the steps (step k of
-    n runs at ``lr * (n - k) / n``), so the last few small batches weigh less in the final weights."""
+    n runs at ``lr * (n - k) / n``), so the last few small batches weigh less in the final weights.
+    ``average_last``: the model ends with the mean of its weights after each of the last
+    ``average_last`` steps (tail averaging: the final weights no longer depend on which few
+    demonstrations happened to come last; 0 or 1 = the last step's weights)."""
     from searchrl.models import amp_context
 
     if not trajs:
@@ -236,8 +239,9 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
     rng = random.Random(seed)
     order: list[int] = []
     losses = []
+    averaged: list[torch.Tensor] = []
     model.train()
-    for _ in tqdm(range(steps), desc="warm-start SFT", disable=not progress):
+    for k in tqdm(range(steps), desc="warm-start SFT", disable=not progress):
         batch = []
         while len(batch) < batch_size:
             if not order:
@@ -256,6 +260,18 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
         decay.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum)
+        n_avg = k - max(steps - average_last, 0) + 1  # this step's place among the averaged ones
+        if average_last > 1 and n_avg >= 1:
+            with torch.no_grad():
+                if not averaged:
+                    averaged = [p.detach().clone() for p in params]
+                else:
+                    for a, p in zip(averaged, params):
+                        a.add_(p.detach() - a, alpha=1.0 / n_avg)
+    if averaged:
+        with torch.no_grad():
+            for a, p in zip(averaged, params):
+                p.copy_(a)
     return losses
 
 
