@@ -141,7 +141,8 @@ def test_lora_reference_is_the_warm_started_model(tiny_model_dir, tmp_path, monk
     cfg = apply_overrides(TrainConfig(), [f"out={tmp_path / 'run'}", f"model.name={tiny_model_dir}", "model.lora_r=4",
                                           "model.amp=off", "model.device=cpu", "algo.kl_coef=0.01",
                                           "data.world_entities=60", "warmstart.steps=4", "warmstart.lr=5e-2",
-                                          "warmstart.examples=8", "micro_batch_size=4"])
+                                          "warmstart.examples=8", "micro_batch_size=4",
+                                          "warmstart.average_last=2"])  # the reference is the averaged model
     train, _, retriever = load_data(cfg)
     models = build_models(cfg.model, need_reference=True, need_critic=False)
     trajs = make_trajs(models.tokenizer, 4, 2)

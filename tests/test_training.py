@@ -323,6 +323,12 @@ def test_warmstart_comparisons_is_a_share():
         apply_overrides(TrainConfig(), ["warmstart.comparisons=1.5"])
 
 
+def test_warmstart_average_last_is_a_step_count():
+    assert apply_overrides(TrainConfig(), ["warmstart.average_last=10"]).warmstart.average_last == 10
+    with pytest.raises(ConfigError, match="warmstart.average_last"):
+        apply_overrides(TrainConfig(), ["warmstart.average_last=-1"])
+
+
 def test_sft_mode_needs_direct_method():
     with pytest.raises(ConfigError, match="method"):
         apply_overrides(TrainConfig(), ["mode=sft"])
