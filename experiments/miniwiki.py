@@ -19,8 +19,10 @@
 Steps 3 and 4 run side by side with ``--jobs 2``. Finished steps are read, not run again (re-run
 after a crash). Writes ``OUT/miniwiki.json`` and prints per-set tables of EM, F1 and EM over
 answerable questions for the four, and the paired differences (after RL - RAG, after - before)
-with 95 % bootstrap intervals over questions. The training wall time to hold to the config's
-budget is the warm-start run's plus the RL run's (``wall_seconds`` of their ``summary.json``).
+with 95 % bootstrap intervals over questions. The training time to hold to the config's budget
+(``train_seconds``) is the warm-start's SFT time (``warmstart.json``) plus the RL steps' own times
+(``time_step`` in ``metrics.jsonl``: rollouts and updates, every step of a resumed run counted
+once), without the evaluations and start-ups around them.
 
 Left out: the paper's SFT and rejection-sampling baselines (``mode=sft`` / ``mode=rs`` runs of the
 same config) and dense retrieval (``--kind dense`` indexes work the same way).
@@ -81,12 +83,19 @@ def run_miniwiki(data: Path, out: Path, config: Path, overrides: list[str], jobs
              "rag - direct": ("direct", "rag")}  # fmt: skip
     result = {
         "data": str(data), "config": str(config), "overrides": overrides,
-        "train_wall_seconds": round(summary(ws)["wall_seconds"] + summary(rl_dir)["wall_seconds"], 1),
+        "train_seconds": train_seconds(ws, rl_dir),
         "steps": summary(rl_dir)["steps"],
         "comparisons": {name: compare_files(evals[a], evals[b], metrics=METRICS) for name, (a, b) in pairs.items()},
     }  # fmt: skip
     (out / "miniwiki.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_seconds(warmstart: Path, rl: Path) -> float:
+    """The warm-start's SFT seconds plus the RL run's step seconds (evaluations excluded)."""
+    sft = json.loads((warmstart / "warmstart.json").read_text())["seconds"]
+    rows = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return round(sft + sum(r.get("time_step", 0.0) for r in rows), 1)
 
 
 def format_miniwiki(result: dict) -> str:
@@ -101,7 +110,8 @@ def format_miniwiki(result: dict) -> str:
         e = (comps[comp]["avg"] if d is None else comps[comp]["datasets"][d])[m]
         return "-" if e is None else f"{e[side]:.3f}"
 
-    lines = [f"training wall time (warm-start + RL, {result['steps']} steps): {result['train_wall_seconds']:.0f} s"]
+    lines = [f"training time (warm-start SFT + {result['steps']} RL steps, evaluations excluded): "
+             f"{result['train_seconds']:.0f} s"]
     header = ["", *[SHORT_NAMES.get(d, d) for d in sets], "avg"]
     for m in METRICS:
         rows = [[name, *[mean(name, d, m) for d in sets], mean(name, None, m)] for name in holders]

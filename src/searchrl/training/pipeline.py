@@ -165,11 +165,13 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
                                 method=cfg.method, style=w.style)
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
+    t0 = time.perf_counter()
     losses = sft_train(models.policy, tok, demos, w.steps, w.batch_size, w.lr, micro_batch_size=cfg.micro_batch_size,
                        seed=cfg.seed, amp=models.amp, schedule=w.schedule, average_last=w.average_last)
     if models.dist.main:
         compared = sum(1 for d in demos if d.example.extra.get("compare"))
-        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "comparisons": compared, "losses": losses})
+        _write_json(out / "warmstart.json", {"demonstrations": len(demos), "comparisons": compared, "losses": losses,
+                                             "seconds": round(time.perf_counter() - t0, 1)})
     # The reference is the model RL starts from: a copy of the warm-started weights, or (LoRA) the
     # base with the warm-start adapter folded in, saved since LoRA checkpoints hold adapters only.
     if models.reference is not None:
