@@ -91,11 +91,12 @@ def run_miniwiki(data: Path, out: Path, config: Path, overrides: list[str], jobs
     return result
 
 
-def train_seconds(warmstart: Path, rl: Path) -> float:
-    """The warm-start's SFT seconds plus the RL run's step seconds (evaluations excluded)."""
-    sft = json.loads((warmstart / "warmstart.json").read_text())["seconds"]
+def train_seconds(warmstart: Path, rl: Path) -> float | None:
+    """The warm-start's SFT seconds plus the RL run's step seconds (evaluations excluded); None when
+    the warm-start run is older than its ``seconds`` record."""
+    sft = json.loads((warmstart / "warmstart.json").read_text()).get("seconds")
     rows = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return round(sft + sum(r.get("time_step", 0.0) for r in rows), 1)
+    return None if sft is None else round(sft + sum(r.get("time_step", 0.0) for r in rows), 1)
 
 
 def format_miniwiki(result: dict) -> str:
@@ -110,8 +111,9 @@ def format_miniwiki(result: dict) -> str:
         e = (comps[comp]["avg"] if d is None else comps[comp]["datasets"][d])[m]
         return "-" if e is None else f"{e[side]:.3f}"
 
+    seconds = result["train_seconds"]
     lines = [f"training time (warm-start SFT + {result['steps']} RL steps, evaluations excluded): "
-             f"{result['train_seconds']:.0f} s"]
+             + (f"{seconds:.0f} s" if seconds is not None else "unknown (the warm-start run did not record it)")]
     header = ["", *[SHORT_NAMES.get(d, d) for d in sets], "avg"]
     for m in METRICS:
         rows = [[name, *[mean(name, d, m) for d in sets], mean(name, None, m)] for name in holders]
