@@ -240,6 +240,7 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
     order: list[int] = []
     losses = []
     averaged: list[torch.Tensor] = []
+    first_averaged = max(steps - average_last, 0) if average_last > 1 else steps  # steps = none
     model.train()
     for k in tqdm(range(steps), desc="warm-start SFT", disable=not progress):
         batch = []
@@ -260,14 +261,12 @@ def sft_train(model: torch.nn.Module, tokenizer: Any, trajs: list[Trajectory], s
         decay.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss_sum)
-        n_avg = k - max(steps - average_last, 0) + 1  # this step's place among the averaged ones
-        if average_last > 1 and n_avg >= 1:
+        if k == first_averaged:
+            averaged = [p.detach().clone() for p in params]
+        elif k > first_averaged:  # running mean over steps first_averaged..k
             with torch.no_grad():
-                if not averaged:
-                    averaged = [p.detach().clone() for p in params]
-                else:
-                    for a, p in zip(averaged, params):
-                        a.add_(p.detach() - a, alpha=1.0 / n_avg)
+                for a, p in zip(averaged, params):
+                    a.add_(p.detach() - a, alpha=1.0 / (k - first_averaged + 1))
     if averaged:
         with torch.no_grad():
             for a, p in zip(averaged, params):
