@@ -145,7 +145,10 @@ class OptimConfig:
     critic_warmup_steps: int = field(default=0, metadata=_h("critic: linear warm-up steps, then constant"))
     weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
     grad_clip: float = field(default=1.0, metadata=_h("max gradient norm (0 = off)"))
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_h("AdamW betas"))
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999], metadata=_h(
+        "AdamW betas; beta1 = 0 (no momentum): each step follows its own on-policy batch instead of an average "
+        "that keeps pushing earlier policies' gradients (README, 'No momentum in the RL optimizer'); "
+        "the paper's presets pin [0.9, 0.999]"))
     nonfinite_patience: int = field(default=3, metadata=_h("stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient"))
 
     def __post_init__(self) -> None:
