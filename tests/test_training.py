@@ -81,6 +81,24 @@ def test_one_step_changes_parameters_and_lowers_the_loss(tiny_lm, tmp_path, esti
         assert "value_loss" in metrics
 
 
+@pytest.mark.parametrize("betas", [None, "[0.9,0.999]"])
+def test_a_step_without_contrast_moves_the_policy_only_with_momentum(tiny_lm, tmp_path, betas):
+    """The default RL optimizer has no momentum (beta1 = 0): a step whose groups all got one reward
+    (zero gradient) leaves the policy where it is; with AdamW's usual beta1 = 0.9 it keeps moving
+    along the earlier batch's direction (README, "No momentum in the RL optimizer")."""
+    model, tok = tiny_lm
+    tr = make_trainer((copy.deepcopy(model), tok), tmp_path, *([f"optim.betas={betas}"] if betas else []))
+    assert tr.optimizer.param_groups[0]["betas"] == ((0.0, 0.999) if betas is None else (0.9, 0.999))
+    trajs = make_trajs(tok, 4, 2)
+    tr.update(trajs, tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0])))
+    after_first = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters()}
+    flat = tr.prepare(trajs, torch.tensor([1.0, 1.0, 0.0, 0.0]))  # every group uniform: no advantage
+    assert flat.advantages.abs().sum() == 0
+    tr.update(trajs, flat)
+    moved = [n for n, p in tr.models.policy.named_parameters() if not torch.equal(p, after_first[n])]
+    assert (not moved) if betas is None else moved
+
+
 def _grads_after_accumulation(tiny_lm, tmp_path, micro: int) -> dict[str, torch.Tensor]:
     model, tok = tiny_lm
     tr = make_trainer((copy.deepcopy(model), tok), tmp_path / f"m{micro}", f"micro_batch_size={micro}",
