@@ -41,6 +41,7 @@ from _runs import check_overrides, finish, run_searchrl, start_from, summary, th
 
 from searchrl.eval.compare import AFTER, BEFORE, RUN_SUFFIX, compare_files  # noqa: E402
 from searchrl.eval.tables import SHORT_NAMES, markdown_table, ordered_datasets  # noqa: E402
+from searchrl.training.monitor import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SETS = ("nq", "hotpotqa")
@@ -95,7 +96,7 @@ def train_seconds(warmstart: Path, rl: Path) -> float | None:
     """The warm-start's SFT seconds plus the RL run's step seconds (evaluations excluded); None when
     the warm-start run is older than its ``seconds`` record."""
     sft = json.loads((warmstart / "warmstart.json").read_text()).get("seconds")
-    rows = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(rl / "metrics.jsonl")
     return None if sft is None else round(sft + sum(r.get("time_step", 0.0) for r in rows), 1)
 
 

@@ -32,6 +32,14 @@ def peak_memory_mb() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (none when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, name: str = "metrics.jsonl"):
         self.path = Path(run_dir) / name
@@ -66,9 +74,7 @@ class MetricsLogger:
             self._wandb.log(scalars, step=step)
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (they belong to work a crash threw away)."""
