@@ -3,12 +3,13 @@
     python experiments/ablations.py --out runs/ablations [--seeds 0,1,2] [--arms grpo,grpo-nomask,ppo]
         [--jobs 2] [KEY=VALUE ...]
 
-Per seed, one format warm-start is trained and evaluated (``OUT/warmstart/seed-S``: ``searchrl train
-steps=0``, its model folder and its held-out evaluation); then every arm runs RL from that same model
-(``OUT/ARM/seed-S``: ``searchrl train model.name=OUT/warmstart/seed-S/model warmstart.steps=0`` plus
-the arm's overrides), with the warm-start's evaluation copied in as its "before" evaluation. So within
-a seed every arm starts from the same weights and is scored against the same questions and the same
-"before" answers, and the warm-start (a third of a default run) is paid once per seed, not per arm.
+One format warm-start is trained and evaluated (``OUT/warmstart/seed-W``, W = ``warmstart.seed``, 0
+by default: ``searchrl train steps=0``, its model folder and its held-out evaluation; with
+``warmstart.seed=null`` one per seed, W = S); then every arm runs RL with each seed from that model
+(``OUT/ARM/seed-S``: ``searchrl train seed=S model.name=OUT/warmstart/seed-W/model warmstart.steps=0``
+plus the arm's overrides), with the warm-start's evaluation copied in as its "before" evaluation. So
+every arm starts from the same weights and is scored against the same questions and the same
+"before" answers, and the warm-start (a third of a default run) is paid once, not per arm or seed.
 One difference from a plain ``searchrl train``: a PPO critic starts from the warm-started model here
 (from the base model there).
 
@@ -34,7 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import check_overrides, finish, run_searchrl, start_from, summary, threads_per_job  # noqa: E402
 
+from searchrl.config import apply_overrides  # noqa: E402
 from searchrl.eval.compare import AFTER, RUN_SUFFIX, compare_files  # noqa: E402
+from searchrl.training.config import TrainConfig  # noqa: E402
 from searchrl.training.seeds import format_seeds, parse_seeds, seeds_summary  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
@@ -47,17 +50,26 @@ ARMS: dict[str, list[str]] = {
 BASELINE = "grpo"
 
 
+def warmstart_seed(seed: int, overrides: list[str]) -> int:
+    """The seed of run ``seed``'s warm-start: ``warmstart.seed`` (0 unless overridden), or the run's."""
+    cfg = apply_overrides(TrainConfig(), [f"seed={seed}", *overrides])
+    return cfg.seed if cfg.warmstart.seed is None else cfg.warmstart.seed
+
+
 def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[str], jobs: int) -> dict:
     threads = threads_per_job(jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        warm: dict[int, Future] = {}
+        warm: dict[int, Future] = {}  # by warm-start seed: one for all seeds unless warmstart.seed=null
         for s in seeds:
-            ws = out / "warmstart" / f"seed-{s}"
-            args = [f"seed={s}", *overrides, "steps=0", "eval_before=false", "report=false"]
-            warm[s] = pool.submit(run_searchrl, "train", args, ws, ws.parent / f"seed-{s}.log", threads)
+            w = warmstart_seed(s, overrides)
+            if w in warm:
+                continue
+            ws = out / "warmstart" / f"seed-{w}"
+            args = [f"seed={w}", *overrides, "steps=0", "eval_before=false", "report=false"]
+            warm[w] = pool.submit(run_searchrl, "train", args, ws, ws.parent / f"seed-{w}.log", threads)
 
         def arm_job(arm: str, s: int) -> dict:
-            ws = warm[s].result()  # the seed's warm-start first
+            ws = warm[warmstart_seed(s, overrides)].result()  # the seed's warm-start first
             run = out / arm / f"seed-{s}"
             start_from(run, ws)
             args = [f"seed={s}", *overrides, f"model.name={ws / 'model'}", "warmstart.steps=0", "eval_before=false",

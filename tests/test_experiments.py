@@ -66,9 +66,15 @@ def test_arms_start_from_the_seeds_warm_start(tmp_path, tiny_model_dir):
     assert "start " not in r2.stdout
 
 
+def test_seeds_share_the_warm_start_unless_it_follows_the_seed():
+    assert [ablations.warmstart_seed(s, ["data.eval_limit=4"]) for s in (0, 1, 2)] == [0, 0, 0]
+    assert [ablations.warmstart_seed(s, ["warmstart.seed=null"]) for s in (0, 1, 2)] == [0, 1, 2]
+    assert ablations.warmstart_seed(1, ["warmstart.seed=5"]) == 5
+
+
 def test_a_failed_run_is_one_clear_error(tmp_path, tiny_model_dir):
     r = _run(tmp_path / "ab", "--seeds", "0", "--arms", "grpo", f"model.name={tiny_model_dir}", *TINY,
-             "rollout.min_turn_tokens=999")
+             f"data.eval_files={tmp_path / 'missing.jsonl'}")  # a valid config that fails in the run
     assert r.returncode == 1
     assert "searchrl train failed" in r.stderr and "Traceback" not in r.stderr
 

@@ -347,6 +347,34 @@ def test_warmstart_average_last_is_a_step_count():
         apply_overrides(TrainConfig(), ["warmstart.average_last=-1"])
 
 
+def _warm_started_weights(tiny_tokenizer, tmp_path, *overrides: str) -> dict[str, torch.Tensor]:
+    from searchrl.testing import tiny_random_lm
+    from searchrl.training.pipeline import _warm_start, load_data
+
+    cfg = apply_overrides(TrainConfig(), [f"out={tmp_path}", "model.amp=off", "model.device=cpu",
+                                          "data.world_entities=60", "warmstart.steps=3", "warmstart.lr=5e-2",
+                                          "warmstart.examples=12", "micro_batch_size=4", *overrides])
+    train, _, retriever = load_data(cfg)
+    models = build_models(cfg.model, need_reference=False, need_critic=False,
+                          model=tiny_random_lm(tiny_tokenizer, seed=0), tokenizer=tiny_tokenizer)
+    tmp_path.mkdir()
+    _warm_start(cfg, models, train, retriever, tmp_path)
+    return {k: v.clone() for k, v in models.policy.state_dict().items()}
+
+
+def test_the_warm_start_has_its_own_seed(tiny_tokenizer, tmp_path, monkeypatch):
+    """`seed` varies RL only: by default every run seed starts RL from the same warm-started weights;
+    `warmstart.seed=null` makes the warm-start's draw and order follow the run's seed again."""
+    monkeypatch.setenv("SEARCHRL_CACHE", str(tmp_path / "cache"))
+    base = _warm_started_weights(tiny_tokenizer, tmp_path / "s0", "seed=0")
+    other_seed = _warm_started_weights(tiny_tokenizer, tmp_path / "s1", "seed=1")
+    following = _warm_started_weights(tiny_tokenizer, tmp_path / "s1f", "seed=1", "warmstart.seed=null")
+    warm_seed_1 = _warm_started_weights(tiny_tokenizer, tmp_path / "w1", "seed=0", "warmstart.seed=1")
+    assert all(torch.equal(base[k], other_seed[k]) for k in base)
+    assert any(not torch.equal(base[k], following[k]) for k in base)  # the seed reaches the warm-start
+    assert all(torch.equal(following[k], warm_seed_1[k]) for k in base)  # ... as warmstart.seed would
+
+
 def test_sft_mode_needs_direct_method():
     with pytest.raises(ConfigError, match="method"):
         apply_overrides(TrainConfig(), ["mode=sft"])

@@ -154,20 +154,21 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
         demo_retriever = bm25_over(corpus_path)
         log.info("warm-start: the training data has no hop chains; demonstrations come from the synthetic world")
     w = cfg.warmstart
+    seed = cfg.seed if w.seed is None else w.seed
     n_compare = round(w.examples * w.comparisons)
-    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=cfg.seed,
+    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=seed,
                            method=cfg.method, style=w.style)
     if n_compare:
         from searchrl.data.world_comparisons import comparison_questions
 
-        compare = comparison_questions(pool, n_compare, seed=cfg.seed)
-        demos += demonstrations(compare, tok, demo_retriever, cfg.rollout, limit=n_compare, seed=cfg.seed,
+        compare = comparison_questions(pool, n_compare, seed=seed)
+        demos += demonstrations(compare, tok, demo_retriever, cfg.rollout, limit=n_compare, seed=seed,
                                 method=cfg.method, style=w.style)
     if not demos:
         raise SearchRLError("warm-start produced no demonstrations; set warmstart.steps=0")
     t0 = time.perf_counter()
     losses = sft_train(models.policy, tok, demos, w.steps, w.batch_size, w.lr, micro_batch_size=cfg.micro_batch_size,
-                       seed=cfg.seed, amp=models.amp, schedule=w.schedule, average_last=w.average_last)
+                       seed=seed, amp=models.amp, schedule=w.schedule, average_last=w.average_last)
     if models.dist.main:
         compared = sum(1 for d in demos if d.example.extra.get("compare"))
         _write_json(out / "warmstart.json", {"demonstrations": len(demos), "comparisons": compared, "losses": losses,
