@@ -99,6 +99,33 @@ def test_a_step_without_contrast_moves_the_policy_only_with_momentum(tiny_lm, tm
     assert (not moved) if betas is None else moved
 
 
+def test_optim_eps_reaches_adamw_and_far_above_the_gradients_makes_it_sgd(tiny_lm, tmp_path):
+    """One step without momentum moves each weight by -lr * g / (|g| + eps) (Adam's bias-corrected
+    first step): about -lr * sign(g) at the default eps, about SGD at lr / eps where eps is far
+    above |g| (the step then follows the gradient's size)."""
+    model, tok = tiny_lm
+    tr = make_trainer((copy.deepcopy(model), tok), tmp_path, "optim.eps=1.0")
+    assert tr.optimizer.param_groups[0]["eps"] == 1.0
+    before = {n: p.detach().clone() for n, p in tr.models.policy.named_parameters()}
+    grads: dict[str, torch.Tensor] = {}
+    step = tr.optimizer.step
+
+    def record_then_step(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in tr.models.policy.named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    tr.optimizer.step = record_then_step
+    trajs = make_trajs(tok, 4, 2)
+    tr.update(trajs, tr.prepare(trajs, torch.tensor([1.0, 0.0, 0.0, 1.0])))
+    lr = tr.optimizer.param_groups[0]["lr"]
+    assert grads and max(g.abs().max() for g in grads.values()) < 0.1  # eps = 1: within 10 % of SGD at lr
+    for n, p in tr.models.policy.named_parameters():
+        if n in grads:
+            g = grads[n]
+            torch.testing.assert_close(p.detach() - before[n], -lr * g / (g.abs() + 1.0), rtol=1e-2, atol=2e-7)
+    assert max((p.detach() - before[n]).abs().max() for n, p in tr.models.policy.named_parameters()) < lr / 10
+
+
 def _grads_after_accumulation(tiny_lm, tmp_path, micro: int) -> dict[str, torch.Tensor]:
     model, tok = tiny_lm
     tr = make_trainer((copy.deepcopy(model), tok), tmp_path / f"m{micro}", f"micro_batch_size={micro}",
@@ -192,6 +219,7 @@ def test_trainer_scores_with_the_search_cost(tiny_lm, tmp_path):
     ("optim.lr=-1", "optim.lr"),
     ("algo.kl_estimator=k9", "algo.kl_estimator"),
     ("rollout.top_p=1.5", "rollout.top_p"),
+    ("optim.eps=0", "optim.eps"),
     ("algo.search_cost=2", "algo.search_cost"),
     ("steps=ten", "steps"),
     ("algo.colour=red", "algo.colour"),

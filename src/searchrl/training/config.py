@@ -149,6 +149,7 @@ class OptimConfig:
         "AdamW betas; beta1 = 0 (no momentum): each step follows its own on-policy batch instead of an average "
         "that keeps pushing earlier policies' gradients (README, 'No momentum in the RL optimizer'); "
         "the paper's presets pin [0.9, 0.999]"))
+    eps: float = field(default=1e-8, metadata=_h("AdamW epsilon (added to the root of the second moment); far above the gradients' typical size it turns Adam into SGD at lr / eps, whose steps follow the gradient's size"))
     nonfinite_patience: int = field(default=3, metadata=_h("stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient"))
 
     def __post_init__(self) -> None:
@@ -158,6 +159,7 @@ class OptimConfig:
         check(self.critic_warmup_steps >= 0, "optim.critic_warmup_steps", "must be >= 0")
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)")
+        check(self.eps > 0, "optim.eps", "must be > 0")
         check(self.nonfinite_patience >= 1, "optim.nonfinite_patience", "must be >= 1")
 
 

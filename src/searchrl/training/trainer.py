@@ -112,12 +112,13 @@ class Trainer:
         self.sampler = DataSampler(len(train_examples), cfg.seed, strata=hops)
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(models.trainable_parameters(), lr=oc.lr, betas=tuple(oc.betas),
-                                           weight_decay=oc.weight_decay)
+                                           eps=oc.eps, weight_decay=oc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_lambda(oc.warmup_steps))
         self.critic_optimizer = self.critic_scheduler = None
         if models.critic is not None:
             self.critic_optimizer = torch.optim.AdamW(models.critic.parameters(), lr=oc.critic_lr,
-                                                      betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+                                                      betas=tuple(oc.betas), eps=oc.eps,
+                                                      weight_decay=oc.weight_decay)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_optimizer, _warmup_lambda(oc.critic_warmup_steps))
         self.reward_cfg = RewardConfig(kind=cfg.algo.reward, search_cost=cfg.algo.search_cost)
