@@ -173,7 +173,7 @@ class WarmStartConfig:
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
     style: str = field(default="plan", metadata=_h("demonstrations' thoughts: plan (the first thought states how many searches the question takes) | stepwise (after each search, whether the question is answered yet)"))
     comparisons: float = field(default=0.0, metadata=_h("share of the demonstrations that compare two entities (which came first; do they share a value: yes / no), built from the hop chains' facts; real multi-hop sets such as 2Wiki ask mostly these"))
-    seed: int | None = field(default=0, metadata=_h("seed of the warm-start's demonstration draw and order, fixed so that the run's `seed` varies RL alone, as seeds vary RL over one pretrained checkpoint in the paper (README: 'One warm-start for every seed'); None = the run's seed"))
+    seed: int | None = field(default=0, metadata=_h("seed of the warm-start's demonstration draw and order, fixed so that the run's `seed` varies RL alone, as seeds vary RL over one pretrained checkpoint in the paper (README: 'The default over three seeds, one warm-start for all'); None = the run's seed"))
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "warmstart.steps", "must be >= 0")
