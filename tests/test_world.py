@@ -219,7 +219,7 @@ def test_default_world_cached_and_reused(tmp_path, monkeypatch):
     (folder / "world.json").write_text(json.dumps({**info, "generator": "older code"}))
     ensure_default_world(seed=2, n_entities=80)  # made by other code -> rebuilt
     assert json.loads((folder / "world.json").read_text()) == info
-    assert [p.name for p in folder.parent.iterdir()] == ["world-2-80"]  # no temp folders left
+    assert _cache_entries(folder.parent) == ["world-2-80"]  # no temp folders left
     with pytest.raises(ConfigError):
         ensure_default_world(seed=-1, n_entities=80)
 
@@ -243,7 +243,36 @@ def test_a_complete_world_made_meanwhile_by_another_process_is_kept(tmp_path, mo
     monkeypatch.setattr(world_mod, "write_world", write_while_another_process_wins)
     assert ensure_default_world(seed=3, n_entities=80) == folder
     assert os.stat(folder / "corpus.jsonl").st_ino == made["inode"]  # the winner's files, untouched
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # our temp folder is gone
+    assert _cache_entries(folder.parent) == [folder.name]  # our temp folder is gone
+
+
+def _cache_entries(cache: Path) -> list[str]:
+    """The cache folder's entries but the generation locks (plain files that stay by design)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_world_generation_waits_for_another_generator(tmp_path, monkeypatch):
+    """While another process holds the world's generation lock nothing is written or deleted; once
+    it lets go, the waiting call finds the copy the other one made and returns it untouched."""
+    import fcntl
+    import threading
+
+    from searchrl.data import world as world_mod
+
+    monkeypatch.setenv("SEARCHRL_CACHE", str(tmp_path / "cache"))
+    folder = default_world_dir(4, 80)
+    folder.parent.mkdir(parents=True)
+    with open(folder.parent / (folder.name + ".lock"), "w") as other:  # the other generator
+        fcntl.flock(other, fcntl.LOCK_EX)
+        done = threading.Event()
+        waiter = threading.Thread(target=lambda: (ensure_default_world(seed=4, n_entities=80), done.set()))
+        waiter.start()
+        assert not done.wait(1.0)  # blocked on the lock
+        assert _cache_entries(folder.parent) == []  # and nothing written meanwhile
+        world_mod.write_world(world_mod.generate_world(4, 80), folder)  # the other one's copy lands
+        inode = os.stat(folder / "corpus.jsonl").st_ino
+    waiter.join(60)
+    assert done.is_set() and os.stat(folder / "corpus.jsonl").st_ino == inode
 
 
 def test_bad_options_raise_config_error():

@@ -25,6 +25,7 @@ languages other than English.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -253,21 +255,38 @@ def ensure_default_world(seed: int = DEFAULT_SEED, n_entities: int = DEFAULT_ENT
     if _is_complete(folder, seed, n_entities):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("generating the synthetic world (seed %d, %d entities) into %s",
-                seed, n_entities, folder)  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a plain folder
-        write_world(generate_world(seed, n_entities, **options), tmp)
-        if _is_complete(folder, seed, n_entities):  # another process finished first (and may be
-            return folder  # reading it already: never replace a complete copy)
-        if folder.exists():  # stale (older version) or partial: replace it
-            shutil.rmtree(folder, ignore_errors=True)
+    with _generation_lock(folder):
+        if _is_complete(folder, seed, n_entities):  # another process made it while we waited
+            return folder
+        logger.info("generating the synthetic world (seed %d, %d entities) into %s",
+                    seed, n_entities, folder)  # fmt: skip
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
         try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; its copy is identical
-            if not _is_complete(folder, seed, n_entities):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a plain folder
+            write_world(generate_world(seed, n_entities, **options), tmp)
+            if _is_complete(folder, seed, n_entities):  # made meanwhile by a writer without the lock
+                return folder  # (it may be reading it already: never replace a complete copy)
+            if folder.exists():  # stale (older version) or partial: replace it
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process won the race; its copy is identical
+                if not _is_complete(folder, seed, n_entities):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@contextmanager
+def _generation_lock(folder: Path) -> Iterator[None]:
+    """One generator per world folder at a time (an exclusive ``flock`` on ``FOLDER.lock``, which
+    the kernel drops if the holder dies): without it, a process that found no complete copy could
+    delete one that another process renamed into place a moment later and is already reading (two
+    ranks of one job start at once)."""
+    fd = os.open(folder.parent / (folder.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with waiters)
