@@ -59,9 +59,9 @@ def warmstart_seed(seed: int, overrides: list[str]) -> int:
 def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[str], jobs: int) -> dict:
     threads = threads_per_job(jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
+        warm_seed = {s: warmstart_seed(s, overrides) for s in seeds}
         warm: dict[int, Future] = {}  # by warm-start seed: one for all seeds unless warmstart.seed=null
-        for s in seeds:
-            w = warmstart_seed(s, overrides)
+        for w in warm_seed.values():
             if w in warm:
                 continue
             ws = out / "warmstart" / f"seed-{w}"
@@ -69,7 +69,7 @@ def run_ablations(out: Path, seeds: list[int], arms: list[str], overrides: list[
             warm[w] = pool.submit(run_searchrl, "train", args, ws, ws.parent / f"seed-{w}.log", threads)
 
         def arm_job(arm: str, s: int) -> dict:
-            ws = warm[warmstart_seed(s, overrides)].result()  # the seed's warm-start first
+            ws = warm[warm_seed[s]].result()  # the seed's warm-start first
             run = out / arm / f"seed-{s}"
             start_from(run, ws)
             args = [f"seed={s}", *overrides, f"model.name={ws / 'model'}", "warmstart.steps=0", "eval_before=false",
