@@ -4,10 +4,12 @@ world, one RL step), resuming, errors, and the seeds summary's arithmetic on han
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from searchrl.cli import main
 from searchrl.errors import ConfigError
@@ -71,6 +73,47 @@ def test_seeds_loop_end_to_end(tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(train_args(tiny_model_dir, out, "seed=3")) == 2
     assert "--seeds or seed=N" in capsys.readouterr().err
+
+
+def _exported(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_seeds_share_one_warm_start_and_match_single_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The second seed loads the first one's warm-start instead of training it again, and ends with the
+    very weights and answers of a plain `searchrl train seed=1`; a changed setting is refused."""
+    from searchrl.training import sft
+
+    monkeypatch.setenv("SEARCHRL_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real_sft_train = sft.sft_train
+    monkeypatch.setattr(sft, "sft_train", lambda *a, **k: calls.append(1) or real_sft_train(*a, **k))
+    warm = ["warmstart.steps=2", "warmstart.examples=8", "warmstart.lr=5e-2", "warmstart.batch_size=2"]
+    out = tmp_path / "seeds"
+    assert main([a for a in train_args(tiny_model_dir, out, *warm) if a != "warmstart.steps=0"]) == 0
+    assert len(calls) == 1  # seed 1 loaded it
+    shared = out / "warmstart"
+    assert {"policy.safetensors", "config.yaml", "warmstart.json", "eval_before.json"} <= {f.name for f in shared.iterdir()}
+    for name in ("warmstart.json", "eval_before.json", "eval_before_trajectories.jsonl"):
+        assert (out / "seed-1" / name).read_bytes() == (out / "seed-0" / name).read_bytes()
+
+    single = tmp_path / "single"
+    args = [a for a in train_args(tiny_model_dir, single, *warm, "seed=1") if a not in ("--seeds", "0,1", "warmstart.steps=0")]
+    assert main(args) == 0
+    assert len(calls) == 2
+    a, b = _exported(out / "seed-1"), _exported(single)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    after = (out / "seed-1" / "eval_after_trajectories.jsonl").read_text()
+    assert after == (single / "eval_after_trajectories.jsonl").read_text()
+
+    # the folder is reused only under the configuration it was trained with
+    changed = [a for a in train_args(tiny_model_dir, out, *warm, "warmstart.lr=1e-2", "--resume") if a != "warmstart.steps=0"]
+    shutil.rmtree(out / "seed-1")
+    capsys.readouterr()
+    assert main(changed) == 2
+    assert "warm-start trained under another configuration" in capsys.readouterr().err
 
 
 def test_single_run_prints_its_gain(tiny_model_dir, tmp_path, monkeypatch, capsys):

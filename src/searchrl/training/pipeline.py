@@ -7,7 +7,9 @@ on the world's held-out test questions before and after RL. Everything lands in 
 ``config.yaml``, ``metrics.jsonl``, ``eval_before.json`` / ``eval_after.json`` (+ trajectories),
 ``checkpoints/``, ``model/`` (the trained policy as a transformers folder), ``summary.json``, ``report/``. A crashed run continues with ``--resume``: the
 warm-start and the "before" evaluation are stored once and not redone, RL continues from the
-newest checkpoint.
+newest checkpoint. ``searchrl train --seeds`` passes ``shared_warm_start``, a folder where the
+first seed leaves its warm-started weights and "before" evaluation for the others (see
+:func:`_reuse_warm_start`).
 
 Under torchrun every rank runs this function; rank 0 alone writes the run folder, evaluates,
 exports and reports (the others wait at barriers). Left out: the SFT / rejection-sampling
@@ -40,6 +42,9 @@ from searchrl.types import QAExample
 log = logging.getLogger(__name__)
 
 WARMSTART_BASE = "warmstart_base.safetensors"  # LoRA: base weights with the warm-start adapter merged
+SHARED_WEIGHTS = "policy.safetensors"  # in a shared warm-start folder: the warm-started policy
+SHARED_KEY = "config.yaml"  # ... and the configuration it was trained under, less seed and out
+SHARED_FILES = ("warmstart.json", "eval_before.json", "eval_before_trajectories.jsonl")  # copied into each run
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -234,6 +239,49 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
     return path
 
 
+# what the warm-start and the "before" evaluation depend on (RL's settings, seed and out may differ)
+SHARED_KEY_FIELDS = ("model", "data", "warmstart", "rollout", "eval_rollout", "method", "mode", "micro_batch_size",
+                     "rollout_batch_size")
+
+
+def shared_warm_start_key(cfg: TrainConfig) -> str:
+    data = cfg.resolved()
+    return yaml.safe_dump({k: data[k] for k in SHARED_KEY_FIELDS}, sort_keys=True)
+
+
+def _reuse_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> bool:
+    """Load the warm-started policy another seed of this ``--seeds`` job left in ``shared`` (and copy
+    its record and "before" evaluation into ``out``); False when there is none yet. The warm-start
+    takes no draw from the global random state, so a seed run this way matches ``searchrl train
+    seed=S`` (test_seeds.py)."""
+    from searchrl.training.models import load_base_weights
+
+    if not (shared / SHARED_WEIGHTS).is_file():
+        return False
+    if (shared / SHARED_KEY).read_text() != shared_warm_start_key(cfg):
+        raise SearchRLError(f"{shared} holds a warm-start trained under another configuration; "
+                            "remove it or choose another --out")
+    load_base_weights(models.policy, shared / SHARED_WEIGHTS)
+    if models.reference is not None:
+        models.reference.load_state_dict(models.policy.state_dict())
+    for name in SHARED_FILES:
+        if (shared / name).is_file() and not (out / name).exists():
+            shutil.copyfile(shared / name, out / name)
+    log.info("warm-start: loaded the one %s holds (trained by an earlier seed of this job)", shared)
+    return True
+
+
+def _share_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> None:
+    """Leave the warm-started policy in ``shared`` for the next seeds (the weights last: their presence
+    marks a complete folder)."""
+    from searchrl.training.models import save_base_weights
+
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / SHARED_KEY).write_text(shared_warm_start_key(cfg))
+    shutil.copyfile(out / "warmstart.json", shared / "warmstart.json")
+    save_base_weights({n: p.detach().cpu() for n, p in models.policy.named_parameters()}, shared / SHARED_WEIGHTS)
+
+
 def _open_run_dir(cfg: TrainConfig, out: Path, resume: bool, dist) -> None:
     """Refuse to mix runs in one folder (every rank checks before rank 0 writes anything)."""
     if out.exists() and any(out.iterdir()) and not resume:
@@ -248,16 +296,20 @@ def _open_run_dir(cfg: TrainConfig, out: Path, resume: bool, dist) -> None:
     dist.barrier()
 
 
-def _start(cfg: TrainConfig, trainer, train: list[QAExample], retriever, out: Path, resume: bool) -> bool:
-    """Resume from the newest checkpoint, or warm-start and save step 0; True when resumed."""
+def _start(cfg: TrainConfig, trainer, train: list[QAExample], retriever, out: Path, resume: bool,
+           shared: Path | None = None) -> bool:
+    """Resume from the newest checkpoint, or warm-start (or load the ``shared`` one) and save step 0;
+    True when resumed."""
     from searchrl.training.models import load_base_weights
 
     models = trainer.models
     if resume and models.uses_lora and (out / WARMSTART_BASE).exists():
         load_base_weights(models.policy, out / WARMSTART_BASE)
     resumed = resume and trainer.resume()
-    if not resumed and cfg.warmstart.steps > 0:
+    if not resumed and cfg.warmstart.steps > 0 and not (shared and _reuse_warm_start(cfg, models, shared, out)):
         _warm_start(cfg, models, train, retriever, out)
+        if shared:
+            _share_warm_start(cfg, models, shared, out)
     if not list_checkpoints(out):
         trainer.save()  # step 0 = the model RL starts from, so --resume never redoes the warm-start
     return resumed
@@ -305,9 +357,10 @@ def _train(cfg: TrainConfig, trainer, train, evals, retriever, out: Path) -> Non
     bar.close()
 
 
-def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
+def run_training(cfg: TrainConfig, resume: bool = False, shared_warm_start: Path | None = None) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content (on rank 0;
-    other ranks of a multi-process job return ``{}``)."""
+    other ranks of a multi-process job return ``{}``). ``shared_warm_start``: one process, no LoRA
+    (``searchrl train --seeds`` passes it only then)."""
     from searchrl.models import resolve_device
     from searchrl.training.distributed import init_from_env
     from searchrl.training.models import build_models
@@ -327,10 +380,16 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict:
     # model.backend: the policy itself, or a vLLM engine (its log-probs at the rollouts' temperature)
     generator = models.generator(cfg.model, cfg.rollout.temperature)
     trainer = Trainer(cfg, models, retriever, train, generator=generator, sync_weights=models.weight_sync(generator))
-    resumed = _start(cfg, trainer, train, retriever, out, resume)
+    shared = shared_warm_start if cfg.warmstart.steps > 0 else None
+    if shared and (dist.enabled or models.uses_lora):
+        raise SearchRLError("a shared warm-start needs one process and full fine-tuning")
+    resumed = _start(cfg, trainer, train, retriever, out, resume, shared)
     before_path = out / "eval_before.json"
     if cfg.eval_before and evals and not before_path.exists():
         _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_before")
+        if shared and shared.is_dir():
+            for name in SHARED_FILES[1:]:
+                shutil.copyfile(out / name, shared / name)
     _train(cfg, trainer, train, evals, retriever, out)
     after = _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_after") if evals else None
     export_state = models.export_state()  # FSDP: the full weights gathered on rank 0 (a collective)

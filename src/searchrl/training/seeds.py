@@ -9,6 +9,11 @@ interval for the mean gain: per question the gain averaged over the seeds, then 
 bootstrap over questions. With ``--resume`` a seed whose run finished (its ``summary.json``
 exists) is read, not run again, and an unfinished one continues from its newest checkpoint.
 
+The seeds share one warm-start (``warmstart.seed`` fixed, the default): the first seed that trains it
+leaves the warm-started weights and its "before" evaluation in ``OUT/warmstart``, and the others load
+them instead of training the same model again (one process, full fine-tuning; otherwise each seed
+trains its own). A seed's run is the same as ``searchrl train seed=S`` either way.
+
 Left out: running seeds in parallel (each run already uses the machine's cores) and an interval
 over seeds (it would treat seeds as a sample; the per-seed gains are listed instead).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ from searchrl.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "seeds.json"
+SHARED_WARM_START = "warmstart"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -55,6 +62,10 @@ def run_seeds(cfg: TrainConfig, seeds: list[int], resume: bool = False) -> dict[
     from searchrl.training.pipeline import run_training
 
     base = Path(cfg.out)
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    shared = None
+    if cfg.warmstart.steps > 0 and cfg.warmstart.seed is not None and cfg.model.lora_r == 0 and one_process:
+        shared = base / SHARED_WARM_START
     summaries: dict[int, dict[str, Any]] = {}
     for i, seed in enumerate(seeds, 1):
         run_cfg = dataclasses.replace(cfg, seed=seed, out=str(seed_dir(base, seed)))
@@ -64,7 +75,7 @@ def run_seeds(cfg: TrainConfig, seeds: list[int], resume: bool = False) -> dict[
             summaries[seed] = json.loads(done.read_text())
             continue
         log.info("seed %d (%d of %d): training into %s", seed, i, len(seeds), run_cfg.out)
-        summaries[seed] = run_training(run_cfg, resume=resume and Path(run_cfg.out).exists())
+        summaries[seed] = run_training(run_cfg, resume=resume and Path(run_cfg.out).exists(), shared_warm_start=shared)
     result = seeds_summary(base, summaries)
     base.mkdir(parents=True, exist_ok=True)
     (base / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
