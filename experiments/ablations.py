@@ -45,7 +45,7 @@ ARMS: dict[str, list[str]] = {
     "grpo-nomask": ["algo.mask_retrieved=false"],
     "ppo": ["algo.estimator=gae"],
     "ppo-nomask": ["algo.estimator=gae", "algo.mask_retrieved=false"],
-    "grpo-balanced": ["data.balance_hops=true"],  # not the paper's: the learning issue's balanced draws
+    "grpo-unbalanced": ["data.balance_hops=false"],  # not the paper's: draws blind to hop counts (the default until session 18)
 }
 BASELINE = "grpo"
 

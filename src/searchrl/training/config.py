@@ -82,7 +82,7 @@ class DataConfig:
     retriever_wait: float = field(default=60.0, metadata=_h("seconds to keep retrying an unreachable retrieval server before the run stops"))
     train_limit: int = field(default=0, metadata=_h("use at most this many training questions (0 = all)"))
     eval_limit: int = field(default=120, metadata=_h("evaluate on at most this many questions per set (0 = all); the default 120 keeps a 0.10 gain on the synthetic world out of the noise"))
-    balance_hops: bool = field(default=False, metadata=_h("draw each step's questions equally from each hop count (when every training question has one, as in the synthetic world)"))
+    balance_hops: bool = field(default=True, metadata=_h("draw each step's questions equally from each hop count when every training question has one, as in the synthetic world (otherwise ignored); fewer steps dominated by one kind, whose plan RL then pushes onto every question (README, session 18)"))
     max_hops: int = field(default=2, metadata=_h("keep questions with at most this many hops (when known, as in the synthetic world; 0 = all)"))
 
     def __post_init__(self) -> None:
@@ -139,7 +139,7 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=1e-5, metadata=_h("actor learning rate (AdamW)"))
+    lr: float = field(default=4e-5, metadata=_h("actor learning rate (AdamW; with the default eps the step is ~lr / eps times the gradient, see eps)"))
     critic_lr: float = field(default=1e-5, metadata=_h("critic learning rate"))
     warmup_steps: int = field(default=0, metadata=_h("actor: linear warm-up steps, then constant"))
     critic_warmup_steps: int = field(default=0, metadata=_h("critic: linear warm-up steps, then constant"))
@@ -149,7 +149,7 @@ class OptimConfig:
         "AdamW betas; beta1 = 0 (no momentum): each step follows its own on-policy batch instead of an average "
         "that keeps pushing earlier policies' gradients (README, 'No momentum in the RL optimizer'); "
         "the paper's presets pin [0.9, 0.999]"))
-    eps: float = field(default=1e-8, metadata=_h("AdamW epsilon (added to the root of the second moment); far above the gradients' typical size it turns Adam into SGD at lr / eps, whose steps follow the gradient's size"))
+    eps: float = field(default=1e-4, metadata=_h("AdamW epsilon (added to the root of the second moment). The embedded default's 1e-4 lies above most weights' gradients, so steps are close to SGD at lr / eps and follow the gradient's size: weights with little net evidence barely move, where Adam at 1e-8 moves every weight by ~lr (README, session 18); the paper's presets pin 1e-8"))
     nonfinite_patience: int = field(default=3, metadata=_h("stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient"))
 
     def __post_init__(self) -> None:

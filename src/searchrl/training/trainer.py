@@ -106,8 +106,9 @@ class Trainer:
         self.sync_weights = sync_weights
         self.run_dir = Path(cfg.out)
         hops = [e.extra.get("num_hops") for e in train_examples] if cfg.data.balance_hops else None
-        if hops is not None and None in hops:
-            log.warning("data.balance_hops: some training questions have no hop count; drawing unbalanced")
+        if hops is not None and None in hops:  # real QA files carry no hop counts: silent unless mixed
+            if any(h is not None for h in hops):
+                log.warning("data.balance_hops: some training questions have no hop count; drawing unbalanced")
             hops = None
         self.sampler = DataSampler(len(train_examples), cfg.seed, strata=hops)
         oc = cfg.optim
