@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 WARMSTART_BASE = "warmstart_base.safetensors"  # LoRA: base weights with the warm-start adapter merged
 SHARED_WEIGHTS = "policy.safetensors"  # in a shared warm-start folder: the warm-started policy
 SHARED_KEY = "config.yaml"  # ... and the configuration it was trained under, less seed and out
-SHARED_FILES = ("warmstart.json", "eval_before.json", "eval_before_trajectories.jsonl")  # copied into each run
+BEFORE_FILES = ("eval_before.json", "eval_before_trajectories.jsonl")
+SHARED_FILES = ("warmstart.json", *BEFORE_FILES)  # copied from a shared warm-start folder into each run
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -388,7 +389,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, shared_warm_start: Path
     if cfg.eval_before and evals and not before_path.exists():
         _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_before")
         if shared and shared.is_dir():
-            for name in SHARED_FILES[1:]:
+            for name in BEFORE_FILES:
                 shutil.copyfile(out / name, shared / name)
     _train(cfg, trainer, train, evals, retriever, out)
     after = _evaluate_on_rank0(cfg, trainer, evals, retriever, out, "eval_after") if evals else None
