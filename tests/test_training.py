@@ -213,6 +213,52 @@ def test_trainer_scores_with_the_search_cost(tiny_lm, tmp_path):
     assert tr.score(trajs).tolist() == [1.0, 0.75, 0.0]
 
 
+def _reward_only_for(ids):
+    """A reward rule for the resampling tests: one sample of each question in ``ids`` is right."""
+    return lambda t, ex, cfg: 1.0 if ex.id in ids and t.sample_index == 0 else 0.0
+
+
+def test_resampling_keeps_the_groups_whose_rewards_differ(tiny_lm, tmp_path, monkeypatch):
+    import searchrl.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "compute_reward", _reward_only_for({"e1", "e4"}))
+    tr = make_trainer(tiny_lm, tmp_path, "resample_rounds=3")
+    tr.train_examples = [QAExample(f"e{i}", f"What is item {i}", [f"a{i}"]) for i in range(6)]
+    tr.sampler = DataSampler(6, seed=0)
+    first = DataSampler(6, seed=0).next(6)  # the draws the step will make, in order
+    m = tr.step()
+    ids = [t.example.id for t in tr.last_trajectories]
+    assert len(ids) == 4 and ids[0] == ids[1] and ids[2] == ids[3]  # whole groups, in order
+    assert set(ids) == {"e1", "e4"} and m["groups_informative"] == 2
+    # it stopped drawing as soon as both were found: 2 questions a round
+    needed = max(first.index(1), first.index(4)) // 2 + 1
+    assert m["questions_drawn"] == 2 * needed and m["resample_rounds"] == needed - 1
+    assert tr.sampler.state_dict() == _sampler_after(6, 2 * needed)
+
+
+def _sampler_after(n: int, k: int) -> dict:
+    s = DataSampler(n, seed=0)
+    s.next(k)
+    return s.state_dict()
+
+
+def test_resampling_fills_the_step_when_too_few_groups_differ(tiny_lm, tmp_path, monkeypatch):
+    import searchrl.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "compute_reward", _reward_only_for(set()))
+    tr = make_trainer(tiny_lm, tmp_path, "resample_rounds=2")
+    first = [tr.train_examples[i].id for i in DataSampler(4, seed=0).next(2)]
+    m = tr.step()
+    assert m["resample_rounds"] == 2 and m["groups_informative"] == 0 and m["questions_drawn"] == 6
+    assert [t.example.id for t in tr.last_trajectories] == [first[0]] * 2 + [first[1]] * 2  # the first draw's groups
+    assert m["grad_norm"] == 0.0  # nothing to learn from: the update moved nothing
+
+
+def test_resampling_needs_groups():
+    with pytest.raises(ConfigError, match="^resample_rounds"):
+        apply_overrides(TrainConfig(), ["resample_rounds=2", "algo.estimator=gae"])
+
+
 @pytest.mark.parametrize("override,field", [
     ("algo.estimator=nope", "algo.estimator"),
     ("micro_batch_size=3", "mini_batch_size"),

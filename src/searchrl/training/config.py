@@ -202,6 +202,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_h("seed for RL's data order, sampling and initialisation (the warm-start has its own: warmstart.seed)"))
     steps: int = field(default=6, metadata=_h("RL steps"))
     prompts_per_step: int = field(default=8, metadata=_h("questions per RL step (each sampled group_size times)"))
+    resample_rounds: int = field(default=0, metadata=_h("GRPO/RLOO: keep a step's groups whose rewards differ and draw up to this many further rounds of questions until prompts_per_step such groups are found (the rest of the step is filled with groups of equal rewards, which teach nothing); DAPO's dynamic sampling; the step's reward and EM are then the kept groups'; 0 = off; one process only"))
     mini_batch_size: int = field(default=32, metadata=_h("trajectories per optimiser step"))
     micro_batch_size: int = field(default=2, metadata=_h("trajectories per forward/backward (gradient accumulation)"))
     ppo_epochs: int = field(default=1, metadata=_h("passes over each step's rollouts"))
@@ -225,6 +226,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", "must be >= 0")
         check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        check(self.resample_rounds >= 0, "resample_rounds", "must be >= 0")
+        check(self.resample_rounds == 0 or self.algo.estimator in ("grpo", "rloo"), "resample_rounds",
+              f"needs groups whose rewards can be compared (grpo or rloo), not {self.algo.estimator!r}")
         check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         check(self.mini_batch_size >= self.micro_batch_size, "mini_batch_size", "must be >= micro_batch_size")
         check(self.mini_batch_size % self.micro_batch_size == 0, "mini_batch_size", "must be a multiple of micro_batch_size")

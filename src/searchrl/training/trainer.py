@@ -126,6 +126,9 @@ class Trainer:
         self.step_idx = 0
         self.nonfinite_in_a_row = 0
         self.dist = models.dist
+        if cfg.resample_rounds and self.dist.enabled:
+            raise SearchRLError("resample_rounds on several processes is not supported yet (each rank would have to "
+                                "agree on which groups to keep): run it in one process, or set resample_rounds=0")
         self.sharded = is_sharded(models.policy)
         self.logger = MetricsLogger(self.run_dir) if self.dist.main else _Silent()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -141,8 +144,8 @@ class Trainer:
                 "temperature-scaled distribution, not the top-p truncated one", cfg.rollout.top_p)
 
     # ------------------------------------------------------------------ stages
-    def rollout(self, examples: list[QAExample], stats: RolloutStats) -> list[Trajectory]:
-        seed = self.cfg.seed * 1_000_003 + self.step_idx * 7_919 + self.dist.rank * 104_729
+    def rollout(self, examples: list[QAExample], stats: RolloutStats, round_idx: int = 0) -> list[Trajectory]:
+        seed = self.cfg.seed * 1_000_003 + self.step_idx * 7_919 + self.dist.rank * 104_729 + round_idx * 15_485_863
         rcfg = dataclasses.replace(self.cfg.rollout, seed=seed)
         trajs = run_rollouts(examples, self.generator, self.retriever, self.tokenizer, rcfg,
                              n_samples=self.cfg.algo.group_size, batch_size=self.cfg.rollout_batch_size,
@@ -155,6 +158,33 @@ class Trainer:
         for t in trajs:
             t.reward = compute_reward(t, t.example, self.reward_cfg)
         return torch.tensor([t.reward for t in trajs], dtype=torch.float32)  # [N]
+
+    def _informative_groups(self, trajs: list[Trajectory], stats: RolloutStats) -> tuple[list[Trajectory], dict[str, float]]:
+        """``resample_rounds``: keep the groups whose rewards differ (the only ones GRPO/RLOO learn from
+        without a KL term), drawing and rolling out further questions, up to ``resample_rounds`` more
+        rounds, until ``prompts_per_step`` such groups are found; fill the rest of the step with groups
+        of equal rewards, in drawing order, so that every step has the same number of rows."""
+        G, K = self.cfg.algo.group_size, self.cfg.prompts_per_step
+        keep: list[list[Trajectory]] = []
+        spare: list[list[Trajectory]] = []
+        drawn, rounds = 0, 0
+        while True:
+            for i in range(0, len(trajs), G):
+                group = trajs[i : i + G]
+                (keep if len({t.reward for t in group}) > 1 else spare).append(group)
+            drawn += len(trajs) // G
+            if len(keep) >= K or rounds >= self.cfg.resample_rounds:
+                break
+            rounds += 1
+            missing = K - len(keep)  # draw twice what is missing (about half the groups teach something)
+            more = [self.train_examples[i] for i in self.sampler.next(min(K, 2 * missing))]
+            trajs = self.rollout(more, stats, round_idx=rounds)
+            self.score(trajs)
+        found = len(keep)
+        groups = keep[:K] + spare[: max(K - found, 0)]
+        out = [t for g in groups for t in g]
+        return out, {"groups_informative": float(min(found, K)), "questions_drawn": float(drawn),
+                     "resample_rounds": float(rounds)}
 
     def _loss_mask(self, batch: TokenBatch) -> torch.Tensor:
         return batch.loss_mask if self.cfg.algo.mask_retrieved else batch.response_mask
@@ -415,8 +445,12 @@ class Trainer:
         self.models.sync_generation_copy()  # FSDP: the generation copy follows the shards
         stats = RolloutStats()
         trajs = self.rollout(examples, stats)
-        t1 = time.perf_counter()
         rewards = self.score(trajs)
+        resampled: dict[str, float] = {}
+        if self.cfg.resample_rounds:
+            trajs, resampled = self._informative_groups(trajs, stats)
+            rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+        t1 = time.perf_counter()
         with self.models.autocast():  # no weight changes inside: one region, weights cast once
             prep = self.prepare(trajs, rewards)
         t2 = time.perf_counter()
@@ -440,6 +474,7 @@ class Trainer:
             "time_step": t3 - t0,
             "update_tokens_per_s": sampled * self.cfg.ppo_epochs / max(t3 - t2, 1e-9),
             "peak_memory_mb": peak_memory_mb(),
+            **resampled,
             **upd,
         }
         if callable(getattr(self.retriever, "stats", None)):  # a record/replay cache (data.search_cache)
