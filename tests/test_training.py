@@ -254,6 +254,24 @@ def test_resampling_fills_the_step_when_too_few_groups_differ(tiny_lm, tmp_path,
     assert m["grad_norm"] == 0.0  # nothing to learn from: the update moved nothing
 
 
+def test_resampling_resumes_to_the_same_draws(tiny_lm, tmp_path, monkeypatch):
+    """The extra rounds' draws are part of the sampler's checkpointed position and their rollout
+    seeds follow the step and the round, so a resumed run rolls out what the uninterrupted one did."""
+    import searchrl.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "compute_reward", _reward_only_for({"e1"}))
+    a = make_trainer(tiny_lm, tmp_path, "resample_rounds=2")
+    a.step()
+    a.save()
+    a.step()
+    expected = [(t.example.id, t.response_ids) for t in a.last_trajectories]
+    b = make_trainer(tiny_lm, tmp_path, "resample_rounds=2")
+    assert b.resume() and b.step_idx == 1
+    b.step()
+    assert [(t.example.id, t.response_ids) for t in b.last_trajectories] == expected
+    assert "e1" in {i for i, _ in expected}  # the informative group was found again
+
+
 def test_resampling_needs_groups():
     with pytest.raises(ConfigError, match="^resample_rounds"):
         apply_overrides(TrainConfig(), ["resample_rounds=2", "algo.estimator=gae"])
