@@ -360,8 +360,8 @@ def _train(cfg: TrainConfig, trainer, train, evals, retriever, out: Path) -> Non
 
 def run_training(cfg: TrainConfig, resume: bool = False, shared_warm_start: Path | None = None) -> dict:
     """Run the configured job (see module doc); returns ``summary.json``'s content (on rank 0;
-    other ranks of a multi-process job return ``{}``). ``shared_warm_start``: one process, no LoRA
-    (``searchrl train --seeds`` passes it only then)."""
+    other ranks of a multi-process job return ``{}``). ``shared_warm_start``: used only by a one-process,
+    full fine-tuning run whose warm-start has a fixed seed; others train their own."""
     from searchrl.models import resolve_device
     from searchrl.training.distributed import init_from_env
     from searchrl.training.models import build_models
@@ -381,9 +381,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, shared_warm_start: Path
     # model.backend: the policy itself, or a vLLM engine (its log-probs at the rollouts' temperature)
     generator = models.generator(cfg.model, cfg.rollout.temperature)
     trainer = Trainer(cfg, models, retriever, train, generator=generator, sync_weights=models.weight_sync(generator))
-    shared = shared_warm_start if cfg.warmstart.steps > 0 else None
-    if shared and (dist.enabled or models.uses_lora):
-        raise SearchRLError("a shared warm-start needs one process and full fine-tuning")
+    # one warm-start for all seeds: it must not follow the seed, and only a one-process, full
+    # fine-tuning run saves and loads it (otherwise each seed trains its own, as it always could)
+    can_share = (cfg.warmstart.steps > 0 and cfg.warmstart.seed is not None and not dist.enabled
+                 and not models.uses_lora)
+    shared = shared_warm_start if can_share else None
     resumed = _start(cfg, trainer, train, retriever, out, resume, shared)
     before_path = out / "eval_before.json"
     if cfg.eval_before and evals and not before_path.exists():

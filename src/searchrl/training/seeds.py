@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,7 @@ def run_seeds(cfg: TrainConfig, seeds: list[int], resume: bool = False) -> dict[
     from searchrl.training.pipeline import run_training
 
     base = Path(cfg.out)
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    shared = None
-    if cfg.warmstart.steps > 0 and cfg.warmstart.seed is not None and cfg.model.lora_r == 0 and one_process:
-        shared = base / SHARED_WARM_START
+    shared = base / SHARED_WARM_START  # used only where the pipeline can share it (run_training)
     summaries: dict[int, dict[str, Any]] = {}
     for i, seed in enumerate(seeds, 1):
         run_cfg = dataclasses.replace(cfg, seed=seed, out=str(seed_dir(base, seed)))
