@@ -175,3 +175,20 @@ def test_seeds_summary_arithmetic(tmp_path):
     assert r["gain"]["mean_ci95"] == ref["avg"]["em"].bounds()
     assert ref["avg"]["em"].estimate == pytest.approx(r["gain"]["mean"])
     assert r["before_mean"] == pytest.approx(np.mean([r["per_seed"][str(s)]["before"] for s in runs]))
+
+
+def test_shared_warm_start_key_ignores_rl_settings_only():
+    """A --seeds folder's warm-start may be reused by runs that differ in how RL samples and steps
+    (the demonstrations are scripted, "before" is evaluated greedily), not in what shapes the
+    demonstrations or the evaluation."""
+    from searchrl.config import apply_overrides
+    from searchrl.training.config import TrainConfig
+    from searchrl.training.pipeline import shared_warm_start_key
+
+    def key(*overrides):
+        return shared_warm_start_key(apply_overrides(TrainConfig(), list(overrides)))
+
+    base = key()
+    assert key("rollout.top_p=0.9", "rollout.temperature=0.8", "algo.search_cost=0.1", "optim.lr=1e-5", "seed=3") == base
+    for changed in ("rollout.topk=3", "rollout.max_obs_tokens=100", "eval_rollout.topk=3", "warmstart.lr=1e-2"):
+        assert key(changed) != base, changed

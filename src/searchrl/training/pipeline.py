@@ -243,11 +243,15 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
 # what the warm-start and the "before" evaluation depend on (RL's settings, seed and out may differ)
 SHARED_KEY_FIELDS = ("model", "data", "warmstart", "rollout", "eval_rollout", "method", "mode", "micro_batch_size",
                      "rollout_batch_size")
+# ... less how RL samples: the demonstrations are scripted and the evaluation has its own eval_rollout
+RL_SAMPLING_FIELDS = ("temperature", "top_p", "seed")
 
 
 def shared_warm_start_key(cfg: TrainConfig) -> str:
     data = cfg.resolved()
-    return yaml.safe_dump({k: data[k] for k in SHARED_KEY_FIELDS}, sort_keys=True)
+    key = {k: data[k] for k in SHARED_KEY_FIELDS}
+    key["rollout"] = {k: v for k, v in key["rollout"].items() if k not in RL_SAMPLING_FIELDS}
+    return yaml.safe_dump(key, sort_keys=True)
 
 
 def _reuse_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> bool:
