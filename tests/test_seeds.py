@@ -183,12 +183,19 @@ def test_shared_warm_start_key_ignores_rl_settings_only():
     demonstrations or the evaluation."""
     from searchrl.config import apply_overrides
     from searchrl.training.config import TrainConfig
-    from searchrl.training.pipeline import shared_warm_start_key
+    from searchrl.training.pipeline import shared_warm_start_key, shared_warm_start_matches
 
-    def key(*overrides):
-        return shared_warm_start_key(apply_overrides(TrainConfig(), list(overrides)))
+    def cfg(*overrides):
+        return apply_overrides(TrainConfig(), list(overrides))
 
-    base = key()
-    assert key("rollout.top_p=0.9", "rollout.temperature=0.8", "algo.search_cost=0.1", "optim.lr=1e-5", "seed=3") == base
+    base = shared_warm_start_key(cfg())
+    assert shared_warm_start_key(cfg("rollout.top_p=0.9", "rollout.temperature=0.8", "algo.search_cost=0.1",
+                                     "optim.lr=1e-5", "seed=3")) == base
     for changed in ("rollout.topk=3", "rollout.max_obs_tokens=100", "eval_rollout.topk=3", "warmstart.lr=1e-2"):
-        assert key(changed) != base, changed
+        assert shared_warm_start_key(cfg(changed)) != base, changed
+        assert not shared_warm_start_matches(cfg(changed), base), changed
+    # a folder written with the older key (RL sampling fields in it) still fits the run that wrote it
+    legacy = shared_warm_start_key(cfg("rollout.top_p=0.9"), with_rl_sampling=True)
+    assert legacy != shared_warm_start_key(cfg("rollout.top_p=0.9"))
+    assert shared_warm_start_matches(cfg("rollout.top_p=0.9"), legacy)
+    assert not shared_warm_start_matches(cfg("rollout.topk=3"), legacy)

@@ -247,11 +247,18 @@ SHARED_KEY_FIELDS = ("model", "data", "warmstart", "rollout", "eval_rollout", "m
 RL_SAMPLING_FIELDS = ("temperature", "top_p", "seed")
 
 
-def shared_warm_start_key(cfg: TrainConfig) -> str:
+def shared_warm_start_key(cfg: TrainConfig, *, with_rl_sampling: bool = False) -> str:
     data = cfg.resolved()
     key = {k: data[k] for k in SHARED_KEY_FIELDS}
-    key["rollout"] = {k: v for k, v in key["rollout"].items() if k not in RL_SAMPLING_FIELDS}
+    if not with_rl_sampling:
+        key["rollout"] = {k: v for k, v in key["rollout"].items() if k not in RL_SAMPLING_FIELDS}
     return yaml.safe_dump(key, sort_keys=True)
+
+
+def shared_warm_start_matches(cfg: TrainConfig, key: str) -> bool:
+    """Whether a shared folder's key fits ``cfg`` (folders written by earlier versions kept the RL
+    sampling fields in their key: they fit the run that wrote them, as before)."""
+    return key in (shared_warm_start_key(cfg), shared_warm_start_key(cfg, with_rl_sampling=True))
 
 
 def _reuse_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> bool:
@@ -263,7 +270,7 @@ def _reuse_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> bool
 
     if not (shared / SHARED_WEIGHTS).is_file():
         return False
-    if (shared / SHARED_KEY).read_text() != shared_warm_start_key(cfg):
+    if not shared_warm_start_matches(cfg, (shared / SHARED_KEY).read_text()):
         raise SearchRLError(f"{shared} holds a warm-start trained under another configuration; "
                             "remove it or choose another --out")
     load_base_weights(models.policy, shared / SHARED_WEIGHTS)
