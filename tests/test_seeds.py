@@ -191,7 +191,8 @@ def test_shared_warm_start_key_ignores_rl_settings_only():
     base = shared_warm_start_key(cfg())
     assert shared_warm_start_key(cfg("rollout.top_p=0.9", "rollout.temperature=0.8", "algo.search_cost=0.1",
                                      "optim.lr=1e-5", "seed=3")) == base
-    for changed in ("rollout.topk=3", "rollout.max_obs_tokens=100", "eval_rollout.topk=3", "warmstart.lr=1e-2"):
+    for changed in ("rollout.topk=3", "rollout.max_obs_tokens=100", "rollout.seed=5", "eval_rollout.topk=3",
+                    "warmstart.lr=1e-2"):
         assert shared_warm_start_key(cfg(changed)) != base, changed
         assert not shared_warm_start_matches(cfg(changed), base), changed
     # a folder written with the older key (RL sampling fields in it) still fits the run that wrote it

@@ -243,8 +243,9 @@ def export_model(models, path: Path, state: dict[str, torch.Tensor] | None = Non
 # what the warm-start and the "before" evaluation depend on (RL's settings, seed and out may differ)
 SHARED_KEY_FIELDS = ("model", "data", "warmstart", "rollout", "eval_rollout", "method", "mode", "micro_batch_size",
                      "rollout_batch_size")
-# ... less how RL samples: the demonstrations are scripted and the evaluation has its own eval_rollout
-RL_SAMPLING_FIELDS = ("temperature", "top_p", "seed")
+# ... less how RL samples: the demonstrations are scripted and the evaluation is greedy (its seed,
+# read from rollout.seed, stays in the key through eval_rollout)
+RL_SAMPLING_FIELDS = ("temperature", "top_p")
 
 
 def shared_warm_start_key(cfg: TrainConfig, *, with_rl_sampling: bool = False) -> str:
