@@ -217,6 +217,37 @@ def _cpu(server) -> float:
     return t.user + t.system
 
 
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may offer the same free port to two calls in a row (the first server has not bound
+    it yet); the servers of one test would then share it and one would die or go unused."""
+    import sys
+    from types import SimpleNamespace
+
+    common = sys.modules["_common"]
+    offered = iter([5001, 5001, 5001, 5002])
+
+    class Sock:
+        def __init__(self, *args):
+            self.port = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    fake = SimpleNamespace(socket=Sock, AF_INET=socket.AF_INET, SOCK_STREAM=socket.SOCK_STREAM)
+    monkeypatch.setattr(common, "socket", fake)
+    monkeypatch.setattr(common, "_PORTS_GIVEN", set())
+    assert [soak.free_port(), soak.free_port()] == [5001, 5002]
+
+
 def test_two_servers_sixteen_clients_zero_errors_even_when_one_is_killed(index):
     servers = [soak.Server(index) for _ in range(2)]  # started together
     try:
