@@ -248,18 +248,22 @@ SHARED_KEY_FIELDS = ("model", "data", "warmstart", "rollout", "eval_rollout", "m
 RL_SAMPLING_FIELDS = ("temperature", "top_p")
 
 
-def shared_warm_start_key(cfg: TrainConfig, *, with_rl_sampling: bool = False) -> str:
-    data = cfg.resolved()
-    key = {k: data[k] for k in SHARED_KEY_FIELDS}
+def _key_text(resolved: dict[str, Any], with_rl_sampling: bool) -> str:
+    key = {k: resolved[k] for k in SHARED_KEY_FIELDS}
     if not with_rl_sampling:
         key["rollout"] = {k: v for k, v in key["rollout"].items() if k not in RL_SAMPLING_FIELDS}
     return yaml.safe_dump(key, sort_keys=True)
 
 
+def shared_warm_start_key(cfg: TrainConfig, *, with_rl_sampling: bool = False) -> str:
+    return _key_text(cfg.resolved(), with_rl_sampling)
+
+
 def shared_warm_start_matches(cfg: TrainConfig, key: str) -> bool:
     """Whether a shared folder's key fits ``cfg`` (folders written by earlier versions kept the RL
     sampling fields in their key: they fit the run that wrote them, as before)."""
-    return key in (shared_warm_start_key(cfg), shared_warm_start_key(cfg, with_rl_sampling=True))
+    resolved = cfg.resolved()
+    return key in (_key_text(resolved, False), _key_text(resolved, True))
 
 
 def _reuse_warm_start(cfg: TrainConfig, models, shared: Path, out: Path) -> bool:
