@@ -14,10 +14,9 @@ blocks, the response must read ``think (search information think)* answer`` wher
 kinds, ``information`` contents contain no ``<information>`` tag; no other text may appear
 outside the blocks (so inserted corrective feedback makes a response invalid).
 
-An optional search cost (``RewardConfig.search_cost``, off by default as in the paper; the embedded
-training default's ``algo.search_cost`` is 0.1) scales a rewarded answer down for each search after
-the first: among right answers, fewer searches win, while a wrong answer stays at its reward whatever
-it searched (so groups that all fail stay inert).
+An optional search cost (``RewardConfig.search_cost``, off by default as in the paper) scales a
+rewarded answer down for each search after the first: among right answers, fewer searches win, while
+a wrong answer stays at its reward whatever it searched (so groups that all fail stay inert).
 
 Left out: rewards computed from token log-probs or a learned model, and reward placement on
 tokens (the trainer puts the scalar on the last generated token).
