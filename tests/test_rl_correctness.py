@@ -366,8 +366,8 @@ def test_a_step_whose_rows_are_all_inert_still_measures_the_drift_and_moves_noth
     assert all(torch.equal(p, before[n]) for n, p in tr.models.policy.named_parameters())
 
 
-def test_top_p_below_one_warns_only_where_the_truncation_matters(tiny_lm, tmp_path, caplog):
-    assert (TrainConfig().rollout.temperature, TrainConfig().rollout.top_p) == (1.0, 1.0)  # the default since session 21
+def test_default_samples_within_top_p_and_warns_only_where_the_truncation_matters(tiny_lm, tmp_path, caplog):
+    assert (TrainConfig().rollout.temperature, TrainConfig().rollout.top_p) == (1.0, 0.7)
     assert TrainConfig().eval_rollout_config.top_p == 1.0  # evaluation stays greedy over the whole distribution
 
     def levels(*overrides: str) -> set[str]:
@@ -376,8 +376,8 @@ def test_top_p_below_one_warns_only_where_the_truncation_matters(tiny_lm, tmp_pa
             make_trainer(tiny_lm, tmp_path / str(len(overrides)) / "_".join(overrides), *overrides)
         return {r.levelname for r in caplog.records if "top-p truncated" in r.getMessage()}
 
-    assert levels() == set()  # the whole distribution: nothing to say
-    assert levels("rollout.top_p=0.7") == {"INFO"}  # one on-policy step, no KL or entropy term: the ratio is exactly 1
-    assert levels("rollout.top_p=0.7", "ppo_epochs=2") == {"WARNING"}
-    assert levels("rollout.top_p=0.7", "algo.kl_coef=0.01") == {"WARNING"}
-    assert levels("rollout.top_p=0.7", "algo.entropy_coef=0.01") == {"WARNING"}
+    assert levels() == {"INFO"}  # one on-policy step, no KL or entropy term: the ratio is exactly 1
+    assert levels("ppo_epochs=2") == {"WARNING"}
+    assert levels("algo.kl_coef=0.01") == {"WARNING"}
+    assert levels("algo.entropy_coef=0.01") == {"WARNING"}
+    assert levels("rollout.top_p=1.0") == set()

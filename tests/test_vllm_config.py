@@ -46,8 +46,9 @@ def test_the_shipped_configs_rollouts_get_exact_vllm_logprobs():
         r = cfg.rollout
         sampling = SamplingParams(r.max_new_tokens_per_turn, r.temperature, r.top_p)
         assert logprob_caveat(logprobs_mode(r.temperature), sampling) is None, (name, r.temperature, r.top_p)
-    # and it can fail: the previous fixed mode at top-p 0.7 (the embedded default's until session 21)
-    assert logprob_caveat("processed_logprobs", SamplingParams(8, 0.5, 0.7)) is not None
+    # and it can fail: the previous fixed mode at the default's top-p
+    d = configs["default"].rollout
+    assert logprob_caveat("processed_logprobs", SamplingParams(8, 0.5, d.top_p)) is not None
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch, tiny_lm):
