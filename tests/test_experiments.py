@@ -172,7 +172,38 @@ def test_plan_decision_reads_the_second_hop_probability_per_hop_count(tiny_model
     assert set(out["hops"]) == {len(q.extra["hops"]) for q in questions}
     for h in out["hops"].values():
         assert 0.0 <= h["p_more"] <= 1.0 and 0 <= h["over_half"] <= h["n"]
+    assert 0.0 <= out["rank"] <= 1.0 and probe.rank([0.1, 0.2], [0.3, 0.15]) == 0.75
     assert probe.main([str(tiny_model_dir.parent / "missing")]) == 1  # one error line, no traceback
+
+
+def test_plan_decision_reads_a_shared_warm_start_folder_as_its_weights(tiny_model_dir, tmp_path):
+    """A ``--seeds`` job's ``OUT/warmstart`` (weights over the base its config names) probes as the same
+    weights saved as a model folder, and not as the base model."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from searchrl.data.world import generate_world
+    from searchrl.models import load_model
+
+    spec = importlib.util.spec_from_file_location("plan_decision", SCRIPT.parent / "plan_decision.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model, tok = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "moved")
+    tok.save_pretrained(tmp_path / "moved")
+    shared = tmp_path / "warmstart"
+    shared.mkdir()
+    (shared / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    save_file({n: p.detach().clone().contiguous() for n, p in model.named_parameters()}, str(shared / "policy.safetensors"))
+    world = generate_world(seed=1, n_entities=80)
+    questions = [q for q in world.questions if len(q.extra["hops"]) <= 2][:12]
+    base, moved, warm = (probe.plan_decision(str(m), questions) for m in (tiny_model_dir, tmp_path / "moved", shared))
+    assert warm["hops"] == moved["hops"] and warm["hops"] != base["hops"]
 
 
 # ------------------------------------------------------------------------------ experiments/group_votes.py

@@ -325,6 +325,8 @@ def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
     assert cfg.eval_rollout_config.topk == 2 and cfg.algo == TrainConfig().algo  # an empty section: the defaults
     mw = load_yaml_config(TrainConfig, Path(__file__).parents[1] / "configs" / "miniwiki.yaml")
     assert (mw.rollout.max_turns, mw.rollout.max_new_tokens_per_turn) == (CPU_ROLLOUT["max_turns"], 64)
+    # the preset keeps the warm-start its README figures were measured with when the default moves
+    assert mw.warmstart.steps == 30 and TrainConfig().warmstart.steps == 45
     path.write_text("rollout:\n  max_turnz: 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_turnz: unknown field"):
         load_yaml_config(TrainConfig, path)
