@@ -173,6 +173,7 @@ class WarmStartConfig:
     examples: int = field(default=256, metadata=_h("demonstrations to synthesise from training questions"))
     style: str = field(default="plan", metadata=_h("demonstrations' thoughts: plan (the first thought states how many searches the question takes) | stepwise (after each search, whether the question is answered yet)"))
     comparisons: float = field(default=0.0, metadata=_h("share of the demonstrations that compare two entities (which came first; do they share a value: yes / no), built from the hop chains' facts; real multi-hop sets such as 2Wiki ask mostly these"))
+    multi_hop_share: float | None = field(default=None, metadata=_h("share of the (non-comparison) demonstrations whose questions take more than one search; None = as they come in the training questions (about one half in the synthetic world). A lower share leaves the warm-started model less inclined to plan a second search without changing which questions it ranks as needing one (README, session 22)"))
     seed: int | None = field(default=0, metadata=_h("seed of the warm-start's demonstration draw and order, fixed so that the run's `seed` varies RL alone, as seeds vary RL over one pretrained checkpoint in the paper (README: 'The default over three seeds, one warm-start for all'); None = the run's seed"))
 
     def __post_init__(self) -> None:
@@ -183,6 +184,8 @@ class WarmStartConfig:
         check(self.schedule in LR_SCHEDULES, "warmstart.schedule", f"one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
         check(self.style in DEMO_STYLES, "warmstart.style", f"one of {', '.join(DEMO_STYLES)}, got {self.style!r}")
         check(0.0 <= self.comparisons <= 1.0, "warmstart.comparisons", "must be in [0, 1]")
+        check(self.multi_hop_share is None or 0.0 <= self.multi_hop_share <= 1.0, "warmstart.multi_hop_share",
+              "must be in [0, 1] (or null: as the training questions come)")
 
 
 @dataclass

@@ -162,8 +162,18 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     w = cfg.warmstart
     seed = cfg.seed if w.seed is None else w.seed
     n_compare = round(w.examples * w.comparisons)
-    demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=seed,
-                           method=cfg.method, style=w.style)
+    if w.multi_hop_share is None:
+        demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=seed,
+                               method=cfg.method, style=w.style)
+    else:  # the chains' demonstrations drawn by hop count, in the share asked
+        n_multi = round((w.examples - n_compare) * w.multi_hop_share)
+        single = [q for q in pool if len(q.extra.get("hops") or ()) == 1]
+        multi = [q for q in pool if len(q.extra.get("hops") or ()) > 1]
+        demos = []
+        for questions, limit in ((single, w.examples - n_compare - n_multi), (multi, n_multi)):
+            if limit:
+                demos += demonstrations(questions, tok, demo_retriever, cfg.rollout, limit=limit, seed=seed,
+                                        method=cfg.method, style=w.style)
     if n_compare:
         from searchrl.data.world_comparisons import comparison_questions
 
