@@ -165,7 +165,7 @@ class OptimConfig:
 
 @dataclass
 class WarmStartConfig:
-    steps: int = field(default=45, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off); the embedded default's 45 (30 until session 22) leave the model planning one search for most questions but ranking the 2-hop questions above every 1-hop one, so RL has a shared bias to move and the per-question order to keep (README, session 22)"))
+    steps: int = field(default=30, metadata=_h("SFT format warm-start steps on synthetic demonstrations (0 = off)"))
     batch_size: int = field(default=4, metadata=_h("demonstrations per warm-start step"))
     lr: float = field(default=5e-5, metadata=_h("warm-start learning rate"))
     schedule: str = field(default="constant", metadata=_h("warm-start learning-rate schedule: constant | linear (decays to 0 over the steps)"))
