@@ -325,8 +325,6 @@ def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
     assert cfg.eval_rollout_config.topk == 2 and cfg.algo == TrainConfig().algo  # an empty section: the defaults
     mw = load_yaml_config(TrainConfig, Path(__file__).parents[1] / "configs" / "miniwiki.yaml")
     assert (mw.rollout.max_turns, mw.rollout.max_new_tokens_per_turn) == (CPU_ROLLOUT["max_turns"], 64)
-    # the preset keeps the warm-start its README figures were measured with when the default moves
-    assert mw.warmstart.steps == 30 and TrainConfig().warmstart.steps == 45
     path.write_text("rollout:\n  max_turnz: 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_turnz: unknown field"):
         load_yaml_config(TrainConfig, path)
@@ -427,6 +425,28 @@ def test_comparison_demonstrations_search_both_entities_and_answer_the_compariso
             a, b = d.example.extra["hops"]
             assert [t.query for t in d.turns if t.action == "search"] == [a["query"], b["query"]]
             assert d.answer == d.example.golden_answers[0]
+
+
+def test_warm_start_demonstrations_can_be_drawn_in_a_share_of_multi_hop_questions(tiny_tokenizer):
+    from searchrl.data.world import generate_world
+    from searchrl.retrieval.bm25 import BM25Retriever
+    from searchrl.rollout.config import RolloutConfig
+    from searchrl.training.sft import demonstrations_by_hops
+
+    world = generate_world(seed=1, n_entities=80)
+    retriever = BM25Retriever.build(world.passages, show_progress=False)
+    questions = [q for q in world.questions if len(q.extra["hops"]) <= 2]
+
+    def hops(share):
+        demos = demonstrations_by_hops(questions, tiny_tokenizer, retriever, RolloutConfig(), 12, share)
+        return sorted(d.num_searches for d in demos)
+
+    assert set(hops(0.0)) == {1} and set(hops(1.0)) == {2}  # the scripts search once per hop
+    quarter = hops(0.25)
+    assert 1 <= quarter.count(2) <= 3 and 7 <= quarter.count(1) <= 9
+    assert apply_overrides(TrainConfig(), ["warmstart.multi_hop_share=0.3"]).warmstart.multi_hop_share == 0.3
+    with pytest.raises(ConfigError, match="warmstart.multi_hop_share"):
+        apply_overrides(TrainConfig(), ["warmstart.multi_hop_share=2"])
 
 
 def test_warmstart_comparisons_is_a_share():

@@ -148,7 +148,7 @@ def _headline(metrics: dict) -> dict:
 
 def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out: Path) -> None:
     """SFT on scripted demonstrations; from the synthetic world when the data has no hop chains."""
-    from searchrl.training.sft import demonstrations, sft_train
+    from searchrl.training.sft import demonstrations, demonstrations_by_hops, sft_train
 
     tok = models.tokenizer
     pool, demo_retriever = train, retriever
@@ -165,15 +165,9 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     if w.multi_hop_share is None:
         demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=seed,
                                method=cfg.method, style=w.style)
-    else:  # the chains' demonstrations drawn by hop count, in the share asked
-        n_multi = round((w.examples - n_compare) * w.multi_hop_share)
-        single = [q for q in pool if len(q.extra.get("hops") or ()) == 1]
-        multi = [q for q in pool if len(q.extra.get("hops") or ()) > 1]
-        demos = []
-        for questions, limit in ((single, w.examples - n_compare - n_multi), (multi, n_multi)):
-            if limit:
-                demos += demonstrations(questions, tok, demo_retriever, cfg.rollout, limit=limit, seed=seed,
-                                        method=cfg.method, style=w.style)
+    else:
+        demos = demonstrations_by_hops(pool, tok, demo_retriever, cfg.rollout, w.examples - n_compare,
+                                       w.multi_hop_share, seed=seed, method=cfg.method, style=w.style)
     if n_compare:
         from searchrl.data.world_comparisons import comparison_questions
 

@@ -204,6 +204,22 @@ def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cf
     return good
 
 
+def demonstrations_by_hops(examples: list[QAExample], tokenizer: Any, retriever: Any, cfg: RolloutConfig, limit: int,
+                           multi_hop_share: float, seed: int = 0, method: str = "search",
+                           style: str = "plan") -> list[Trajectory]:
+    """:func:`demonstrations` drawn by hop count: ``round(limit * multi_hop_share)`` of them from
+    questions of more than one hop, the rest from 1-hop ones (fewer where a kind runs short or a
+    script does not end with its gold answer)."""
+    n_multi = round(limit * multi_hop_share)
+    single = [e for e in examples if len(e.extra.get("hops") or ()) == 1]
+    multi = [e for e in examples if len(e.extra.get("hops") or ()) > 1]
+    out: list[Trajectory] = []
+    for pool, n in ((single, limit - n_multi), (multi, n_multi)):
+        if n:
+            out += demonstrations(pool, tokenizer, retriever, cfg, limit=n, seed=seed, method=method, style=style)
+    return out
+
+
 def sft_loss(model: torch.nn.Module, trajs: list[Trajectory], pad_id: int, device: torch.device,
              normalizer: float) -> torch.Tensor:
     """Summed next-token NLL over sampled (mask 1) response tokens, divided by ``normalizer``."""
