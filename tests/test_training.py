@@ -325,6 +325,9 @@ def test_a_config_file_section_keeps_the_defaults_it_does_not_set(tmp_path):
     assert cfg.eval_rollout_config.topk == 2 and cfg.algo == TrainConfig().algo  # an empty section: the defaults
     mw = load_yaml_config(TrainConfig, Path(__file__).parents[1] / "configs" / "miniwiki.yaml")
     assert (mw.rollout.max_turns, mw.rollout.max_new_tokens_per_turn) == (CPU_ROLLOUT["max_turns"], 64)
+    # the preset keeps the warm-start its README figures were measured with, not the default's since session 22
+    assert (mw.warmstart.steps, mw.warmstart.multi_hop_share) == (30, None) != (45, 0.3) == (
+        TrainConfig().warmstart.steps, TrainConfig().warmstart.multi_hop_share)
     path.write_text("rollout:\n  max_turnz: 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: rollout.max_turnz: unknown field"):
         load_yaml_config(TrainConfig, path)
