@@ -19,10 +19,11 @@ it above one half (what greedy decoding plans), and the count; and ``rank``: the
 What it is for: RL can only learn which questions need a second search from groups whose samples
 differ in that choice. A model with ``p_more`` near 0 on 2-hop questions gives RL nothing to
 compare (every sample searches once and fails alike); one near 1 on 2-hop and near 0 on 1-hop
-questions has little left to learn. It takes seconds per model, against minutes for an RL run. ``rank`` says how much of the
-decision is per question: GRPO at the embedded default's budget mostly moves one bias shared by all
-questions (README, "The default over three seeds"), and a shift of that bias raises 2-hop questions
-without taking 1-hop ones along only where the model already ranks them apart.
+questions has little left to learn. It takes seconds per model, against minutes for an RL run.
+``rank`` says how much of the decision is per question: GRPO at the embedded default's budget
+mostly moves one bias shared by all questions (README, "The default over three seeds"), and a
+shift of that bias raises 2-hop questions without taking 1-hop ones along only where the model
+already ranks them apart.
 The probe forces the demonstrations' wording of hop 1; a model that words its plan otherwise
 decides elsewhere, so read it beside the evaluation's searches per question.
 """
@@ -53,13 +54,14 @@ def load(model_dir: str):
 
     from searchrl.models import load_model
     from searchrl.training.models import load_base_weights
+    from searchrl.training.pipeline import SHARED_KEY, SHARED_WEIGHTS
 
     folder = Path(model_dir)
     if (folder / "config.json").is_file():
         return load_model(model_dir)
-    base = (yaml.safe_load((folder / "config.yaml").read_text()).get("model") or {}).get("name")
+    base = (yaml.safe_load((folder / SHARED_KEY).read_text()).get("model") or {}).get("name")
     model, tok = load_model(base)
-    load_base_weights(model, folder / "policy.safetensors")
+    load_base_weights(model, folder / SHARED_WEIGHTS)
     return model, tok
 
 
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     from searchrl.training.config import TrainConfig
     from searchrl.training.pipeline import load_data
 
+    from searchrl.training.pipeline import SHARED_KEY, SHARED_WEIGHTS
+
     missing = [m for m in args.models if not (Path(m) / "config.json").is_file()
-               and not ((Path(m) / "policy.safetensors").is_file() and (Path(m) / "config.yaml").is_file())]
+               and not ((Path(m) / SHARED_WEIGHTS).is_file() and (Path(m) / SHARED_KEY).is_file())]
     if missing:
         print(f"error: neither a model folder (config.json) nor a shared warm-start folder (policy.safetensors "
               f"and config.yaml): {', '.join(missing)}", file=sys.stderr)

@@ -162,12 +162,8 @@ def _warm_start(cfg: TrainConfig, models, train: list[QAExample], retriever, out
     w = cfg.warmstart
     seed = cfg.seed if w.seed is None else w.seed
     n_compare = round(w.examples * w.comparisons)
-    if w.multi_hop_share is None:
-        demos = demonstrations(pool, tok, demo_retriever, cfg.rollout, limit=w.examples - n_compare, seed=seed,
-                               method=cfg.method, style=w.style)
-    else:
-        demos = demonstrations_by_hops(pool, tok, demo_retriever, cfg.rollout, w.examples - n_compare,
-                                       w.multi_hop_share, seed=seed, method=cfg.method, style=w.style)
+    demos = demonstrations_by_hops(pool, tok, demo_retriever, cfg.rollout, w.examples - n_compare,
+                                   w.multi_hop_share, seed=seed, method=cfg.method, style=w.style)
     if n_compare:
         from searchrl.data.world_comparisons import comparison_questions
 

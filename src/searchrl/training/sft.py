@@ -205,11 +205,13 @@ def demonstrations(examples: list[QAExample], tokenizer: Any, retriever: Any, cf
 
 
 def demonstrations_by_hops(examples: list[QAExample], tokenizer: Any, retriever: Any, cfg: RolloutConfig, limit: int,
-                           multi_hop_share: float, seed: int = 0, method: str = "search",
+                           multi_hop_share: float | None, seed: int = 0, method: str = "search",
                            style: str = "plan") -> list[Trajectory]:
     """:func:`demonstrations` drawn by hop count: ``round(limit * multi_hop_share)`` of them from
     questions of more than one hop, the rest from 1-hop ones (fewer where a kind runs short or a
-    script does not end with its gold answer)."""
+    script does not end with its gold answer); ``None``: drawn as the questions come."""
+    if multi_hop_share is None:
+        return demonstrations(examples, tokenizer, retriever, cfg, limit=limit, seed=seed, method=method, style=style)
     n_multi = round(limit * multi_hop_share)
     single = [e for e in examples if len(e.extra.get("hops") or ()) == 1]
     multi = [e for e in examples if len(e.extra.get("hops") or ()) > 1]
